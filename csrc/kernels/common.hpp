@@ -1,0 +1,54 @@
+// Helpers shared by every ISA's kernels. Included once per ISA translation
+// unit; everything that is compiled with ISA flags lives in chainrule::CHAINRULE_ISA
+// so that the linker never merges an AVX-512 copy of a function into the
+// scalar path (no std containers or out-of-line std templates in kernel code).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.hpp"
+
+#ifndef CHAINRULE_ISA
+#error "define CHAINRULE_ISA (scalar, avx2 or avx512) before including common.hpp"
+#endif
+
+namespace chainrule {
+namespace CHAINRULE_ISA {
+namespace detail {
+
+// Below this many flops a kernel stays on the calling thread: waking idle
+// OpenMP workers costs tens of microseconds on this class of machine.
+constexpr double kParallelFlops = 2.0e6;
+// Elementwise kernels: elements per call before a second thread pays off.
+constexpr idx kParallelElems = 1 << 16;
+
+inline int threads_for(double work, double threshold, int nthreads) {
+    if (nthreads < 1) return 1;
+    return work < threshold ? 1 : nthreads;
+}
+
+// 64-byte aligned scratch memory that frees itself. Returns nullptr on failure;
+// callers fall back to a path that needs no scratch or report through a flag.
+template <typename T>
+struct Scratch {
+    T* ptr = nullptr;
+    explicit Scratch(std::size_t count) {
+        std::size_t bytes = (count * sizeof(T) + 63) / 64 * 64;
+        if (bytes == 0) bytes = 64;
+        ptr = static_cast<T*>(std::aligned_alloc(64, bytes));
+    }
+    ~Scratch() { std::free(ptr); }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+};
+
+}  // namespace detail
+}  // namespace CHAINRULE_ISA
+}  // namespace chainrule
