@@ -459,6 +459,8 @@ py::object column_sums_impl(py::handle a_in, py::handle out_in, bool accumulate)
 
 }  // namespace
 
+void bind_plan(py::module_& m);  // plan.cpp
+
 PYBIND11_MODULE(_core, m) {
     m.doc() = "chainrule's native kernels (see chainrule.kernels for the documented API).";
 
@@ -703,4 +705,6 @@ Entries not needed are None. accumulate=True adds into the given buffers.)doc");
         },
         "a"_a, py::kw_only(), "out"_a = py::none(), "accumulate"_a = false,
         "out = a.sum(axis=0), rows added in order.");
+
+    bind_plan(m);
 }

@@ -1,0 +1,192 @@
+#include "plan.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace chainrule {
+
+idx MlpShape::n_params() const {
+    idx total = 0;
+    for (size_t l = 1; l < dims.size(); ++l) total += dims[l - 1] * dims[l] + dims[l];
+    return total;
+}
+
+template <typename T>
+MlpPlan<T>::MlpPlan(MlpShape shape) : shape_(std::move(shape)) {
+    const size_t L = shape_.dims.size() - 1;
+    for (size_t l = 1; l <= L; ++l) widest_ = std::max(widest_, shape_.dims[l]);
+    a_.resize(L + 1);
+    w_.resize(L + 1);
+    b_.resize(L + 1);
+    gw_.resize(L + 1);
+    gb_.resize(L + 1);
+}
+
+template <typename T>
+void MlpPlan<T>::reserve(idx n) {
+    if (n <= capacity_) return;
+    idx per_row = 0;
+    for (idx dim : shape_.dims) per_row += dim;
+    acts_.assign(static_cast<size_t>(n * per_row), T(0));
+    grad_.assign(static_cast<size_t>(2 * n * widest_), T(0));
+    target_rows_.assign(static_cast<size_t>(n * shape_.dims.back()), T(0));
+    label_rows_.assign(static_cast<size_t>(n), 0);
+    weight_rows_.assign(static_cast<size_t>(n), T(0));
+    capacity_ = n;
+}
+
+namespace {
+
+// Squared error is cheap and has no SIMD twin in the kernel table.
+template <typename T>
+double squared_error(const T* p, const T* t, const T* w, T* g, idx n, idx k, double scale) {
+    double total = 0.0;
+    for (idx i = 0; i < n; ++i) {
+        const double wi = w ? static_cast<double>(w[i]) : 1.0;
+        double row = 0.0;
+        for (idx j = 0; j < k; ++j) {
+            const double diff = static_cast<double>(p[i * k + j]) - static_cast<double>(t[i * k + j]);
+            row += diff * diff;
+            g[i * k + j] = static_cast<T>(2.0 * scale * wi * diff);
+        }
+        total += wi * row;
+    }
+    return scale * total;
+}
+
+}  // namespace
+
+template <typename T>
+double MlpPlan<T>::train_step(const T* params, T* grads, const T* x, idx rows,
+                              const std::int64_t* indices, idx n, const void* targets,
+                              const T* weights, LossKind loss, double scale, double l2,
+                              bool accumulate, int nthreads) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    (void)rows;
+    const auto& K = kernels<T>();
+    const auto& d = shape_.dims;
+    const size_t L = d.size() - 1;
+    reserve(n);
+
+    // Gather the batch (shuffled indices, never a shuffled copy of the data).
+    const T* a_prev = x;
+    const idx k_out = d[L];
+    const T* tgt = static_cast<const T*>(targets);
+    const std::int64_t* lab = static_cast<const std::int64_t*>(targets);
+    const T* wts = weights;
+    if (indices) {
+        T* a0 = acts_.data();
+        const size_t row_bytes = static_cast<size_t>(d[0]) * sizeof(T);
+        for (idx i = 0; i < n; ++i) std::memcpy(a0 + i * d[0], x + indices[i] * d[0], row_bytes);
+        a_prev = a0;
+        if (loss == LossKind::softmax_cross_entropy) {
+            for (idx i = 0; i < n; ++i) label_rows_[i] = lab[indices[i]];
+            lab = label_rows_.data();
+        } else {
+            const size_t tbytes = static_cast<size_t>(k_out) * sizeof(T);
+            for (idx i = 0; i < n; ++i)
+                std::memcpy(target_rows_.data() + i * k_out, tgt + indices[i] * k_out, tbytes);
+            tgt = target_rows_.data();
+        }
+        if (weights) {
+            for (idx i = 0; i < n; ++i) weight_rows_[i] = weights[indices[i]];
+            wts = weight_rows_.data();
+        }
+    }
+
+    // Forward: A_l = act_l(A_{l-1} W_l + b_l); the last layer stays linear
+    // (logits), its activation fused into the loss.
+    auto& a = a_;
+    auto& w = w_;
+    auto& b = b_;
+    a[0] = a_prev;
+    T* out = acts_.data() + n * d[0];
+    const T* p = params;
+    for (size_t l = 1; l <= L; ++l) {
+        w[l] = p;
+        b[l] = p + d[l - 1] * d[l];
+        p = b[l] + d[l];
+        const Act act = l == L ? Act::identity : shape_.acts[l - 1];
+        K.dense_forward(a[l - 1], w[l], b[l], out, n, d[l - 1], d[l], act, T(shape_.slope),
+                        nthreads);
+        a[l] = out;
+        out += n * d[l];
+    }
+
+    // Loss and its gradient with respect to the logits.
+    T* gz = grad_.data();
+    T* ga = grad_.data() + capacity_ * widest_;
+    double value = 0.0;
+    switch (loss) {
+        case LossKind::softmax_cross_entropy:
+            value = K.softmax_cross_entropy(a[L], lab, wts, gz, n, k_out, scale, nthreads);
+            break;
+        case LossKind::binary_cross_entropy:
+            value = K.binary_cross_entropy(a[L], tgt, wts, gz, n, k_out, scale, nthreads);
+            break;
+        case LossKind::squared_error:
+            value = squared_error(a[L], tgt, wts, gz, n, k_out, scale);
+            break;
+    }
+
+    // Backward: the chain rule, one layer at a time. The first layer's
+    // input gradient is never needed for training, so it is not computed.
+    T* g = grads;
+    auto& gw = gw_;
+    auto& gb = gb_;
+    for (size_t l = 1; l <= L; ++l) {
+        gw[l] = g;
+        gb[l] = g + d[l - 1] * d[l];
+        g = gb[l] + d[l];
+    }
+    for (size_t l = L; l >= 1; --l) {
+        T* gx = l > 1 ? ga : nullptr;
+        K.dense_vjp(a[l - 1], w[l], gz, gx, gw[l], gb[l], n, d[l - 1], d[l], accumulate,
+                    nthreads);
+        if (l > 1) {
+            K.activation_vjp(shape_.acts[l - 2], a[l - 1], gx, gx, n, d[l - 1], T(shape_.slope),
+                             nthreads);
+            std::swap(gz, ga);
+        }
+    }
+
+    if (l2 != 0.0) {
+        double sq = 0.0;
+        for (size_t l = 1; l <= L; ++l) {
+            const idx size = d[l - 1] * d[l];
+            for (idx i = 0; i < size; ++i) {
+                sq += static_cast<double>(w[l][i]) * static_cast<double>(w[l][i]);
+                gw[l][i] += static_cast<T>(l2) * w[l][i];
+            }
+        }
+        value += 0.5 * l2 * sq;
+    }
+    return value;
+}
+
+template <typename T>
+void MlpPlan<T>::forward(const T* params, const T* x, idx n, T* out, int nthreads) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto& K = kernels<T>();
+    const auto& d = shape_.dims;
+    const size_t L = d.size() - 1;
+    reserve(n);
+    const T* a_prev = x;
+    T* buf = acts_.data() + n * d[0];
+    const T* p = params;
+    for (size_t l = 1; l <= L; ++l) {
+        const T* w = p;
+        const T* b = p + d[l - 1] * d[l];
+        p = b + d[l];
+        T* dst = l == L ? out : buf;
+        K.dense_forward(a_prev, w, b, dst, n, d[l - 1], d[l], shape_.acts[l - 1], T(shape_.slope),
+                        nthreads);
+        a_prev = dst;
+        buf += n * d[l];
+    }
+}
+
+template class MlpPlan<float>;
+template class MlpPlan<double>;
+
+}  // namespace chainrule

@@ -1,0 +1,74 @@
+// A compiled plan for a multilayer perceptron: one native call per
+// mini-batch runs gather, forward, loss, backward (and the L2 term) over
+// preallocated buffers. Python still chooses the batches and owns the
+// parameters, which live in one flat buffer laid out W1, b1, W2, b2, ...
+// (each W row-major (d_in, d_out)); the gradients share that layout.
+//
+// Orchestration only: every flop goes through the dispatched kernel table,
+// so this file is compiled once, without ISA flags.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "dispatch.hpp"
+
+namespace chainrule {
+
+enum class LossKind : int {
+    softmax_cross_entropy = 0,  // integer labels (n,), logits (n, k)
+    binary_cross_entropy = 1,   // targets (n, k) in [0, 1], logits (n, k)
+    squared_error = 2,          // targets (n, k); loss = scale * sum w_i (p - t)^2
+};
+
+struct MlpShape {
+    std::vector<idx> dims;     // d_0 (inputs) ... d_L (outputs)
+    std::vector<Act> acts;     // L activations; acts[L-1] applies at inference only
+    double slope = 0.01;       // leaky_relu's negative slope
+    idx n_params() const;      // total of W and b sizes
+};
+
+template <typename T>
+class MlpPlan {
+   public:
+    explicit MlpPlan(MlpShape shape);
+
+    const MlpShape& shape() const { return shape_; }
+
+    // One training step's gradient. x holds the whole data set (rows, d_0);
+    // `indices` (n) picks the batch rows, or is null for rows 0..n-1.
+    // targets: int64 labels for softmax CE, else T values (n, d_L) (or
+    // gathered by the same indices). weights: per-row, nullable.
+    // Writes (or adds, with accumulate) d loss / d params into grads and
+    // returns the loss: scale * sum_i w_i loss_i + l2/2 * sum ||W||^2 with
+    // l2 * W added to each weight gradient.
+    double train_step(const T* params, T* grads, const T* x, idx rows, const std::int64_t* indices,
+                      idx n, const void* targets, const T* weights, LossKind loss, double scale,
+                      double l2, bool accumulate, int nthreads);
+
+    // Inference: out (n, d_L) = the network applied to x (n, d_0), with the
+    // output activation acts[L-1] (softmax for probabilities, say).
+    void forward(const T* params, const T* x, idx n, T* out, int nthreads);
+
+    // Bytes of workspace held now (for memory accounting).
+    std::size_t workspace_bytes() const { return (acts_.capacity() + grad_.capacity()) * sizeof(T); }
+
+   private:
+    void reserve(idx n);
+
+    MlpShape shape_;
+    idx capacity_ = 0;
+    idx widest_ = 0;        // max(d_1 .. d_L)
+    // Per-layer pointers, sized once so a step allocates nothing.
+    std::vector<const T*> a_, w_, b_;
+    std::vector<T*> gw_, gb_;
+    std::vector<T> acts_;   // A_0 (gathered batch), A_1 ... A_L, one after another
+    std::vector<T> grad_;   // two ping-pong buffers of n * max(d_1..d_L)
+    std::vector<T> target_rows_;  // gathered float targets
+    std::vector<std::int64_t> label_rows_;
+    std::vector<T> weight_rows_;
+    std::mutex mutex_;      // one plan used from two threads serialises, never corrupts
+};
+
+}  // namespace chainrule
