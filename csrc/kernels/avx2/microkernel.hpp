@@ -1,0 +1,160 @@
+// AVX2 + FMA GEMM micro-kernel: an MR x NR block of C held in ymm registers.
+//
+// Same scheme as the AVX-512 kernel with 16 registers: each row of the block
+// is two ymm vectors, so MR = 6 gives 12 accumulators + 2 B vectors + 1
+// broadcast = 15 registers. Column edges use vmaskmov loads/stores.
+//
+// Packed operands (see gemm_impl.hpp): A sliver is kc x MR, B sliver kc x NR.
+#pragma once
+
+#include <immintrin.h>
+
+namespace chainrule {
+namespace CHAINRULE_ISA {
+namespace micro {
+
+template <typename T>
+struct Vec;
+
+template <>
+struct Vec<float> {
+    using reg = __m256;
+    static constexpr int W = 8;
+    static reg zero() { return _mm256_setzero_ps(); }
+    static reg set1(float x) { return _mm256_set1_ps(x); }
+    static reg load(const float* p) { return _mm256_loadu_ps(p); }
+    static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+    // Lanes [0, n) active; n may be <= 0 or >= W.
+    static __m256i mask(int n) {
+        return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    }
+    static reg load(__m256i k, const float* p) { return _mm256_maskload_ps(p, k); }
+    static void store(__m256i k, float* p, reg v) { _mm256_maskstore_ps(p, k, v); }
+    static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+    static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+    static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+};
+
+template <>
+struct Vec<double> {
+    using reg = __m256d;
+    static constexpr int W = 4;
+    static reg zero() { return _mm256_setzero_pd(); }
+    static reg set1(double x) { return _mm256_set1_pd(x); }
+    static reg load(const double* p) { return _mm256_loadu_pd(p); }
+    static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
+    static __m256i mask(int n) {
+        return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+    }
+    static reg load(__m256i k, const double* p) { return _mm256_maskload_pd(p, k); }
+    static void store(__m256i k, double* p, reg v) { _mm256_maskstore_pd(p, k, v); }
+    static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+    static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
+    static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
+};
+
+// One output row: alpha * acc + beta * C + bias (beta == 0: C not read).
+// Masked is a compile-time choice so that full tiles use plain moves.
+template <typename T, bool Masked>
+inline void write_row(T* ci, typename Vec<T>::reg acc0, typename Vec<T>::reg acc1,
+                      typename Vec<T>::reg va, typename Vec<T>::reg vb, bool read_c,
+                      const T* bias, __m256i k0, __m256i k1) {
+    using V = Vec<T>;
+    constexpr int W = V::W;
+    typename V::reg r0 = V::mul(va, acc0), r1 = V::mul(va, acc1);
+    if (read_c) {
+        r0 = V::fmadd(vb, Masked ? V::load(k0, ci) : V::load(ci), r0);
+        r1 = V::fmadd(vb, Masked ? V::load(k1, ci + W) : V::load(ci + W), r1);
+    }
+    if (bias) {
+        r0 = V::add(r0, Masked ? V::load(k0, bias) : V::load(bias));
+        r1 = V::add(r1, Masked ? V::load(k1, bias + W) : V::load(bias + W));
+    }
+    if (Masked) {
+        V::store(k0, ci, r0);
+        V::store(k1, ci + W, r1);
+    } else {
+        V::store(ci, r0);
+        V::store(ci + W, r1);
+    }
+}
+
+template <typename T, int M, int MR>
+inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T* c, idx ldc,
+                        int nr, const T* alpha_beta, const T* bias) {
+    using V = Vec<T>;
+    using reg = typename V::reg;
+    constexpr int W = V::W;
+    for (int i = 0; i < M; ++i) _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+
+    reg c0[M], c1[M];
+#pragma GCC unroll 6
+    for (int i = 0; i < M; ++i) {
+        c0[i] = V::zero();
+        c1[i] = V::zero();
+    }
+#pragma GCC unroll 4
+    for (idx p = 0; p < kc; ++p) {
+        const reg b0 = V::load(b);
+        const reg b1 = V::load(b + W);
+#pragma GCC unroll 6
+        for (int i = 0; i < M; ++i) {
+            const reg ai = V::set1(a[i]);
+            c0[i] = V::fmadd(ai, b0, c0[i]);
+            c1[i] = V::fmadd(ai, b1, c1[i]);
+        }
+        a += MR;
+        b += 2 * W;
+    }
+
+    const T alpha = alpha_beta[0], beta = alpha_beta[1];
+    const reg va = V::set1(alpha), vb = V::set1(beta);
+    const bool read_c = beta != T(0);
+    if (nr == 2 * W) {
+        const __m256i none = _mm256_setzero_si256();
+#pragma GCC unroll 6
+        for (int i = 0; i < M; ++i)
+            write_row<T, false>(c + i * ldc, c0[i], c1[i], va, vb, read_c, bias, none, none);
+    } else {
+        const __m256i k0 = V::mask(nr), k1 = V::mask(nr - W);
+#pragma GCC unroll 6
+        for (int i = 0; i < M; ++i)
+            write_row<T, true>(c + i * ldc, c0[i], c1[i], va, vb, read_c, bias, k0, k1);
+    }
+}
+
+}  // namespace micro
+
+// Traits consumed by gemm_impl.hpp. AVX2-only CPUs often have 256 KiB - 1 MiB
+// of L2, so the packed B panel is kept near 384 KiB.
+template <typename T>
+struct MicroKernel {
+    static constexpr int MR = 6;
+    static constexpr int NR = 2 * micro::Vec<T>::W;
+    static constexpr idx KC = 256;
+    static constexpr idx NC = sizeof(T) == 4 ? 384 : 192;
+
+    // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr]
+    // with {alpha, beta} = alpha_beta[0:2]: passed in memory so that the
+    // compiler does not pin them in a vector register across the k loop
+    // (that register is needed for the accumulators).
+    // 1 <= mr <= MR, 1 <= nr <= NR; beta == 0: C is not read; bias may be null.
+    static void run(idx kc, const T* a, const T* b, T* c, idx ldc, int mr, int nr,
+                    const T* alpha_beta, const T* bias) {
+        switch (mr) {
+#define CHAINRULE_MK_CASE(M) \
+    case M: micro::kernel_rows<T, M, MR>(kc, a, b, c, ldc, nr, alpha_beta, bias); return;
+            CHAINRULE_MK_CASE(6)
+            CHAINRULE_MK_CASE(5)
+            CHAINRULE_MK_CASE(4)
+            CHAINRULE_MK_CASE(3)
+            CHAINRULE_MK_CASE(2)
+            CHAINRULE_MK_CASE(1)
+#undef CHAINRULE_MK_CASE
+            default: return;
+        }
+    }
+};
+
+}  // namespace CHAINRULE_ISA
+}  // namespace chainrule

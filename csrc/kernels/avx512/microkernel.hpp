@@ -1,0 +1,174 @@
+// AVX-512 GEMM micro-kernel: an MR x NR block of C held in zmm registers.
+//
+// Row-major C is vectorised along its rows (the N direction): each row of the
+// block is two zmm registers, and every k step broadcasts one packed A value
+// per row against two packed B vectors. With MR = 14 rows that is 28
+// accumulators + 2 B vectors + 1 broadcast = 31 of the 32 zmm registers, and
+// 28 FMAs per 16 loads, enough to keep both FMA ports busy.
+//
+// Packed operands (see gemm_impl.hpp): A sliver is kc x MR (one column of the
+// sliver per k step), B sliver is kc x NR, both contiguous.
+#pragma once
+
+#include <immintrin.h>
+
+namespace chainrule {
+namespace CHAINRULE_ISA {
+namespace micro {
+
+// Thin wrappers so one kernel template serves float and double.
+template <typename T>
+struct Vec;
+
+template <>
+struct Vec<float> {
+    using reg = __m512;
+    using mask = __mmask16;
+    static constexpr int W = 16;
+    static reg zero() { return _mm512_setzero_ps(); }
+    static reg set1(float x) { return _mm512_set1_ps(x); }
+    static reg load(const float* p) { return _mm512_loadu_ps(p); }
+    static reg load(mask k, const float* p) { return _mm512_maskz_loadu_ps(k, p); }
+    static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+    static void store(mask k, float* p, reg v) { _mm512_mask_storeu_ps(p, k, v); }
+    static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+    static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+    static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+    // Lanes [0, n) set; n may be <= 0 or >= W.
+    static mask first(int n) {
+        return n >= W ? mask(0xFFFF) : n <= 0 ? mask(0) : mask((1u << n) - 1u);
+    }
+};
+
+template <>
+struct Vec<double> {
+    using reg = __m512d;
+    using mask = __mmask8;
+    static constexpr int W = 8;
+    static reg zero() { return _mm512_setzero_pd(); }
+    static reg set1(double x) { return _mm512_set1_pd(x); }
+    static reg load(const double* p) { return _mm512_loadu_pd(p); }
+    static reg load(mask k, const double* p) { return _mm512_maskz_loadu_pd(k, p); }
+    static void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
+    static void store(mask k, double* p, reg v) { _mm512_mask_storeu_pd(p, k, v); }
+    static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+    static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
+    static reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
+    static mask first(int n) {
+        return n >= W ? mask(0xFF) : n <= 0 ? mask(0) : mask((1u << n) - 1u);
+    }
+};
+
+// C[0:M, 0:nr] = alpha * A.B + beta * C + bias, with beta == 0 meaning "C is
+// not read". M is a template parameter so that an edge sliver with few rows
+// runs only its own FMAs (m = 1 inference costs 1/14 of a full tile, not all
+// of it); the column edge uses masked loads/stores, so no tile buffer is needed.
+template <typename T, int M, int MR>
+inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T* c, idx ldc,
+                        int nr, const T* alpha_beta, const T* bias) {
+    using V = Vec<T>;
+    using reg = typename V::reg;
+    constexpr int W = V::W;
+
+    // The C tile is written at the end; start fetching it now (it is read
+    // whenever beta != 0, i.e. on every K block after the first).
+    for (int i = 0; i < M; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + W), _MM_HINT_T0);
+    }
+
+    reg c0[M], c1[M];
+#pragma GCC unroll 14
+    for (int i = 0; i < M; ++i) {
+        c0[i] = V::zero();
+        c1[i] = V::zero();
+    }
+
+#pragma GCC unroll 4
+    for (idx p = 0; p < kc; ++p) {
+        const reg b0 = V::load(b);
+        const reg b1 = V::load(b + W);
+#pragma GCC unroll 14
+        for (int i = 0; i < M; ++i) {
+            const reg ai = V::set1(a[i]);
+            c0[i] = V::fmadd(ai, b0, c0[i]);
+            c1[i] = V::fmadd(ai, b1, c1[i]);
+        }
+        a += MR;
+        b += 2 * W;
+    }
+
+    const T alpha = alpha_beta[0], beta = alpha_beta[1];
+    const typename V::mask k0 = V::first(nr), k1 = V::first(nr - W);
+    const reg va = V::set1(alpha);
+    const reg vb = V::set1(beta);
+    const bool has_bias = bias != nullptr;
+    const reg bias0 = has_bias ? V::load(k0, bias) : V::zero();
+    const reg bias1 = has_bias ? V::load(k1, bias + W) : V::zero();
+#pragma GCC unroll 14
+    for (int i = 0; i < M; ++i) {
+        T* ci = c + i * ldc;
+        reg r0 = V::mul(va, c0[i]);
+        reg r1 = V::mul(va, c1[i]);
+        if (beta != T(0)) {
+            r0 = V::fmadd(vb, V::load(k0, ci), r0);
+            r1 = V::fmadd(vb, V::load(k1, ci + W), r1);
+        }
+        if (has_bias) {
+            r0 = V::add(r0, bias0);
+            r1 = V::add(r1, bias1);
+        }
+        V::store(k0, ci, r0);
+        V::store(k1, ci + W, r1);
+    }
+}
+
+}  // namespace micro
+
+// Traits consumed by gemm_impl.hpp. KC x MR of A stays in L1 across a row of
+// B slivers; the KC x NC packed B panel stays in L2 (2 MiB per core).
+template <typename T>
+struct MicroKernel {
+    static constexpr int MR = 14;
+    static constexpr int NR = 2 * micro::Vec<T>::W;
+#ifndef GEMM_KC_F
+#define GEMM_KC_F 384
+#define GEMM_NC_F 672
+#define GEMM_KC_D 256
+#define GEMM_NC_D 512
+#endif
+    static constexpr idx KC = sizeof(T) == 4 ? GEMM_KC_F : GEMM_KC_D;
+    static constexpr idx NC = sizeof(T) == 4 ? GEMM_NC_F : GEMM_NC_D;
+
+    // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr]
+    // with {alpha, beta} = alpha_beta[0:2]: passed in memory so that the
+    // compiler does not pin them in a vector register across the k loop
+    // (that register is needed for the accumulators).
+    // 1 <= mr <= MR, 1 <= nr <= NR; beta == 0: C is not read; bias may be null.
+    static void run(idx kc, const T* a, const T* b, T* c, idx ldc, int mr, int nr,
+                    const T* alpha_beta, const T* bias) {
+        switch (mr) {
+#define CHAINRULE_MK_CASE(M) \
+    case M: micro::kernel_rows<T, M, MR>(kc, a, b, c, ldc, nr, alpha_beta, bias); return;
+            CHAINRULE_MK_CASE(14)
+            CHAINRULE_MK_CASE(13)
+            CHAINRULE_MK_CASE(12)
+            CHAINRULE_MK_CASE(11)
+            CHAINRULE_MK_CASE(10)
+            CHAINRULE_MK_CASE(9)
+            CHAINRULE_MK_CASE(8)
+            CHAINRULE_MK_CASE(7)
+            CHAINRULE_MK_CASE(6)
+            CHAINRULE_MK_CASE(5)
+            CHAINRULE_MK_CASE(4)
+            CHAINRULE_MK_CASE(3)
+            CHAINRULE_MK_CASE(2)
+            CHAINRULE_MK_CASE(1)
+#undef CHAINRULE_MK_CASE
+            default: return;
+        }
+    }
+};
+
+}  // namespace CHAINRULE_ISA
+}  // namespace chainrule
