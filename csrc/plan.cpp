@@ -44,10 +44,13 @@ double squared_error(const T* p, const T* t, const T* w, T* g, idx n, idx k, dou
     for (idx i = 0; i < n; ++i) {
         const double wi = w ? static_cast<double>(w[i]) : 1.0;
         double row = 0.0;
+        // The difference is rounded to T first, as MSE in losses.py does, so
+        // the two paths give the same gradients.
+        const T two_scale = static_cast<T>(2.0 * scale);
         for (idx j = 0; j < k; ++j) {
-            const double diff = static_cast<double>(p[i * k + j]) - static_cast<double>(t[i * k + j]);
-            row += diff * diff;
-            g[i * k + j] = static_cast<T>(2.0 * scale * wi * diff);
+            const T diff = p[i * k + j] - t[i * k + j];
+            row += static_cast<double>(diff) * static_cast<double>(diff);
+            g[i * k + j] = w ? diff * two_scale * w[i] : diff * two_scale;
         }
         total += wi * row;
     }
@@ -141,9 +144,16 @@ double MlpPlan<T>::train_step(const T* params, T* grads, const T* x, idx rows,
     }
     for (size_t l = L; l >= 1; --l) {
         T* gx = l > 1 ? ga : nullptr;
+        // gx is scratch and always overwritten; only gw and gb accumulate.
+        if (gx && accumulate) {
+            K.dense_vjp(a[l - 1], w[l], gz, gx, nullptr, nullptr, n, d[l - 1], d[l], false,
+                        nthreads);
+            gx = nullptr;
+        }
         K.dense_vjp(a[l - 1], w[l], gz, gx, gw[l], gb[l], n, d[l - 1], d[l], accumulate,
                     nthreads);
         if (l > 1) {
+            gx = ga;
             K.activation_vjp(shape_.acts[l - 2], a[l - 1], gx, gx, n, d[l - 1], T(shape_.slope),
                              nthreads);
             std::swap(gz, ga);

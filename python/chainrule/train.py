@@ -51,6 +51,7 @@ from . import losses as _losses
 from . import metrics as _metrics
 from .layers import Identity, Layer, LogSoftmax, Sequential, Sigmoid, Softmax, _ActivationLayer, _rng
 from .optim import SGD, Optimizer
+from .plan import compile_plan
 
 __all__ = [
     "batches", "fit", "History", "Callback", "EarlyStopping", "ConvergenceWarning",
@@ -439,17 +440,17 @@ def evaluate(model, X, y, loss, *, batch_size: int = 4096) -> float:
 
 
 def _metric(name, model, loss, out, t):
+    """One metric from model outputs ``out`` and prepared targets ``t``."""
     fn = _metrics.METRICS[name]
     if isinstance(loss, _losses.MSE):
-        if name != "mse":
-            raise ValueError(f"fit: metric {name!r} needs a classification loss; got {loss!r}")
         return fn(t, out)
     proba = _proba_from_outputs(model, out, loss)
-    if isinstance(loss, _losses.CrossEntropy) and t.ndim == 2:
-        labels = np.argmax(t, axis=1)
+    if t.ndim == 2 and isinstance(loss, _losses.CrossEntropy):
+        labels = np.argmax(t, axis=1)  # probability targets: their most likely class
+    elif isinstance(loss, _losses.BinaryCrossEntropy):
+        labels = (t.reshape(len(t), -1)[:, 0] > 0.5).astype(np.int64)
     else:
-        labels = (t.reshape(len(t), -1)[:, 0] > 0.5).astype(np.int64) if proba.shape[1] == 2 and \
-            isinstance(loss, _losses.BinaryCrossEntropy) else t
+        labels = t
     if name == "accuracy":
         return fn(labels, np.argmax(proba, axis=1))
     if name == "log_loss":
@@ -464,32 +465,28 @@ def _layer_groups(model):
 
 
 class _GradNorms:
-    """Per-layer L2 norms of the gradient, each a native 1 x N by N x 1 product."""
+    """Per-layer L2 norms of the gradient over views of the parameters' grads.
+
+    Each squared norm is one ``np.dot`` of a flat view with itself: a BLAS
+    reduction that allocates nothing (the GEMM kernel is built for matrices
+    and is far slower on a 1 x N by N x 1 product).
+    """
 
     def __init__(self, model):
         groups = _layer_groups(model)
         self.names = [name for name, _ in groups]
-        self._views = [[g.reshape(1, -1) for g in grads] for _, grads in groups]
-        self._acc = np.zeros((1, 1), dtype=model.dtype)
+        self._views = [[g.reshape(-1) for g in grads] for _, grads in groups]
         self.sums = [0.0] * len(groups)
 
     def current(self):
-        norms = []
-        for views in self._views:
-            total = 0.0
-            for v in views:
-                kernels.gemm(v, v, trans_b=True, out=self._acc)
-                total += float(self._acc[0, 0])
-            norms.append(math.sqrt(total))
-        return norms
+        return [math.sqrt(sum(float(np.dot(v, v)) for v in views)) for views in self._views]
 
     def add(self):
-        acc, sums = self._acc, self.sums
+        sums = self.sums
         for j, views in enumerate(self._views):
             total = 0.0
             for v in views:
-                kernels.gemm(v, v, trans_b=True, out=acc)
-                total += float(acc[0, 0])
+                total += float(np.dot(v, v))
             sums[j] += math.sqrt(total)
 
 
@@ -529,6 +526,7 @@ class _Progress:
         self.bar = None
         self._last_plain = 0.0
         self._tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        self._tqdm = False  # resolved on first display: the tqdm class, or None
 
     def update(self, epoch: int, logs: dict, final: bool = False) -> None:
         if not self.enabled:
@@ -537,10 +535,13 @@ class _Progress:
         if now - self.start < self.delay and not (final and self.bar is not None):
             return
         text = "  ".join(f"{k} {v:.4g}" for k, v in logs.items() if k not in ("lr", "time", "epoch"))
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
+        if self._tqdm is False:
+            try:
+                from tqdm import tqdm as bar_class
+            except ImportError:
+                bar_class = None
+            self._tqdm = bar_class
+        tqdm = self._tqdm
         if tqdm is not None:
             if self.bar is None:
                 self.bar = tqdm(total=self.epochs, initial=epoch, unit="epoch", file=sys.stderr)
@@ -663,6 +664,13 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
     if y_arr.ndim == 0 or len(y_arr) != len(X):
         raise ValueError(f"{where}: X has {len(X)} samples but y has {len(y_arr) if y_arr.ndim else 'none'}")
     loss = _infer_loss(model, y_arr, where) if loss is None else _losses.get(loss)
+    last = _last_layer(model)
+    if isinstance(loss, _losses.CrossEntropy) and isinstance(last, Softmax):
+        raise ValueError(f"{where}: the model ends in Softmax but CrossEntropy applies softmax to logits itself; "
+                         f"remove the final Softmax layer")
+    if isinstance(loss, _losses.BinaryCrossEntropy) and loss.from_logits and isinstance(last, Sigmoid):
+        raise ValueError(f"{where}: the model ends in Sigmoid but BinaryCrossEntropy(from_logits=True) expects "
+                         f"logits; remove the Sigmoid layer or pass from_logits=False")
     t = loss.prepare_target(y_arr, _target_spec(model, len(X)), f"{where}(y)")
     if not isinstance(t, np.ndarray) or not t.flags.c_contiguous:
         t = np.ascontiguousarray(t)
@@ -670,6 +678,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
     for m in metrics:
         if m not in _metrics.METRICS:
             raise ValueError(f"{where}: metrics must be among {', '.join(_metrics.METRICS)}; got {m!r}")
+        if isinstance(loss, _losses.MSE) and m != "mse":
+            raise ValueError(f"{where}: metric {m!r} needs a classification loss; got {loss!r}")
     if optimizer is None:
         optimizer = SGD(params, lr=0.1)
     if not isinstance(optimizer, Optimizer):
@@ -713,6 +723,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
     idx = np.arange(n)
     gathered = {}  # batch size -> (x buffer, target buffer)
     norms = _GradNorms(model)
+    fast = compile_plan(model, loss, t)
 
     history = History(model)
     history.layer_names = list(norms.names)
@@ -759,7 +770,10 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
                 try:
                     start = b * bs
                     size = min(bs, n - start)
-                    if shuffle:
+                    if fast is not None:
+                        # One native call: gather, forward, loss, backward (see plan.py).
+                        value = fast.step(X, t, idx[start:start + size])
+                    elif shuffle:
                         bufs = gathered.get(size)
                         if bufs is None:
                             bufs = gathered[size] = (np.empty((size,) + X.shape[1:], X.dtype),
@@ -770,8 +784,9 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
                         np.take(t, sel, axis=0, out=tb, mode="clip")
                     else:
                         xb, tb = X[start:start + size], t[start:start + size]
-                    model.zero_grad()
-                    value = loss._forward(model._forward(xb), tb, True)
+                    if fast is None:
+                        model.zero_grad()
+                        value = loss._forward(model._forward(xb), tb, True)
                     if not math.isfinite(value):
                         err = FloatingPointError(
                             f"{where}: the loss is {value} at epoch {epoch + 1}/{epochs}, batch "
@@ -779,7 +794,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
                             f"Try a smaller lr or scaled inputs")
                         err.epoch, err.batch, err.history = epoch, b, history
                         raise err
-                    model._backward(loss._grad, False, True)
+                    if fast is None:
+                        model._backward(loss._grad, False, True)
                     norms.add()
                     optimizer.step()
                     epoch_total += value * size if loss.reduction == "mean" else value

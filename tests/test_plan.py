@@ -1,0 +1,192 @@
+"""The compiled training step (chainrule._core.MLPPlan) and fit's use of it."""
+
+import numpy as np
+import pytest
+
+import chainrule as cr
+import chainrule.reference as R
+from chainrule import _core, plan as plan_mod
+from conftest import available_isas, bits_equal
+
+LOSSES = ["softmax_cross_entropy", "binary_cross_entropy", "squared_error"]
+
+
+def _split(P, dims):
+    out, o = [], 0
+    for a, b in zip(dims[:-1], dims[1:]):
+        out.append((P[o:o + a * b].reshape(a, b), P[o + a * b:o + a * b + b]))
+        o += a * b + b
+    return out
+
+
+def _loss_np(P, dims, acts, X, t, loss, idx, w=None, l2=0.0, slope=0.01):
+    h = X[idx]
+    layers = _split(P, dims)
+    for i, (W, b) in enumerate(layers):
+        h = h @ W + b
+        if i < len(layers) - 1:
+            h = R._act(acts[i], h, slope)
+    ws = None if w is None else w[idx]
+    if loss == "softmax_cross_entropy":
+        value = R.softmax_cross_entropy(h, t[idx], sample_weight=ws)[0]
+    elif loss == "binary_cross_entropy":
+        value = R.binary_cross_entropy(h, t[idx], sample_weight=ws)[0]
+    else:
+        wv = np.ones(len(idx)) if ws is None else ws
+        value = float((wv[:, None] * (h - t[idx]) ** 2).sum() / (wv.sum() * h.shape[1]))
+    return value + 0.5 * l2 * sum(float((W ** 2).sum()) for W, _ in layers)
+
+
+def _problem(rng, loss, dims, rows=20):
+    X = rng.standard_normal((rows, dims[0]))
+    if loss == "softmax_cross_entropy":
+        t = rng.integers(0, dims[-1], rows)
+    elif loss == "binary_cross_entropy":
+        t = rng.random((rows, dims[-1]))
+    else:
+        t = rng.standard_normal((rows, dims[-1]))
+    return X, t
+
+
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("acts", [["tanh", "relu"], ["sigmoid", "leaky_relu"]])
+def test_train_step_gradient_matches_finite_differences(isa, loss, acts):
+    _core.set_isa(isa)
+    rng = np.random.default_rng(1)
+    dims = [5, 7, 4, 3]
+    plan = _core.MLPPlan(dims, acts + ["identity"], "float64", negative_slope=0.1)
+    P = rng.standard_normal(plan.n_params) * 0.5
+    G = np.full_like(P, np.nan)  # accumulate=False must overwrite, never read
+    X, t = _problem(rng, loss, dims)
+    w = rng.random(20) + 0.5
+    idx = rng.permutation(20)[:8]
+    value = plan.train_step(P, G, X, t, loss=loss, indices=idx, sample_weight=w, l2=0.1)
+    f = lambda p: _loss_np(p, dims, acts, X, t, loss, idx, w, l2=0.1, slope=0.1)
+    assert value == pytest.approx(f(P), rel=1e-12)
+    num = np.empty_like(P)
+    for i in range(len(P)):
+        d = np.zeros_like(P)
+        d[i] = 1e-6
+        num[i] = (f(P + d) - f(P - d)) / 2e-6
+    np.testing.assert_allclose(G, num, rtol=1e-6, atol=1e-8)
+
+
+def test_accumulate_scale_and_forward(rng):
+    dims = [4, 6, 3]
+    plan = _core.MLPPlan(dims, ["tanh", "softmax"], "float32")
+    P = (rng.standard_normal(plan.n_params) * 0.3).astype(np.float32)
+    X = rng.standard_normal((10, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 10)
+    G1 = np.zeros_like(P)
+    mean = plan.train_step(P, G1, X, y, loss="softmax_cross_entropy")
+    G2 = np.ones_like(P)
+    total = plan.train_step(P, G2, X, y, loss="softmax_cross_entropy", scale=1.0, accumulate=True)
+    assert total == pytest.approx(10 * mean, rel=1e-5)
+    np.testing.assert_allclose(G2 - 1, 10 * G1, rtol=1e-4, atol=1e-5)
+    proba = plan.forward(P, X)
+    W1, b1, W2, b2 = (a.astype(np.float64) for pair in _split(P, dims) for a in pair)
+    expected = R._act("softmax", np.tanh(X @ W1 + b1) @ W2 + b2)
+    np.testing.assert_allclose(proba, expected, rtol=1e-5, atol=1e-6)
+    out = np.empty((10, 3), np.float32)
+    assert plan.forward(P, X, out=out) is out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_train_step_is_bit_identical_across_threads(threads, rng):
+    dims = [300, 256, 10]
+    plan = _core.MLPPlan(dims, ["relu", "identity"], "float32")
+    P = (rng.standard_normal(plan.n_params) * 0.05).astype(np.float32)
+    X = rng.standard_normal((512, 300)).astype(np.float32)
+    y = rng.integers(0, 10, 512)
+    cr.set_num_threads(1)
+    G1 = np.zeros_like(P)
+    l1 = plan.train_step(P, G1, X, y, loss="softmax_cross_entropy")
+    cr.set_num_threads(threads)
+    G2 = np.zeros_like(P)
+    l2 = plan.train_step(P, G2, X, y, loss="softmax_cross_entropy")
+    assert l1 == l2 and bits_equal(G1, G2)
+
+
+def test_bad_input_is_rejected_with_a_message():
+    with pytest.raises(ValueError, match="expected at least 2"):
+        _core.MLPPlan([3], [], "float32")
+    with pytest.raises(ValueError, match="one per layer, 2"):
+        _core.MLPPlan([3, 4, 2], ["tanh"], "float32")
+    with pytest.raises(ValueError, match="softmax is supported on the output layer only"):
+        _core.MLPPlan([3, 4, 2], ["softmax", "identity"], "float32")
+    with pytest.raises(TypeError, match="expected 'float32' or 'float64'"):
+        _core.MLPPlan([3, 2], ["identity"], "int8")
+    with pytest.raises(ValueError, match="64-bit count"):
+        _core.MLPPlan([2**40, 2**40], ["identity"], "float32")
+    plan = _core.MLPPlan([3, 4, 2], ["tanh", "identity"], "float64")
+    P, G = np.zeros(plan.n_params), np.zeros(plan.n_params)
+    X, y = np.zeros((5, 3)), np.zeros(5, np.int64)
+    step = lambda **kw: plan.train_step(**{"params": P, "grads": G, "x": X, "targets": y,
+                                           "loss": "softmax_cross_entropy", **kw})
+    with pytest.raises(ValueError, match=r"params.shape is \(3,\); expected \(26,\)"):
+        step(params=np.zeros(3))
+    with pytest.raises(TypeError, match="params.dtype is float32; expected float64"):
+        step(params=np.zeros(plan.n_params, np.float32))
+    with pytest.raises(ValueError, match=r"x.shape is \(5, 4\); expected \(n, 3\)"):
+        step(x=np.zeros((5, 4)))
+    with pytest.raises(ValueError, match=r"indices\[1\] is 9; expected 0 <= index < 5"):
+        step(indices=np.array([0, 9]))
+    with pytest.raises(ValueError, match="label 2 at row 0; expected 0 <= label < 2"):
+        step(targets=np.full(5, 2))
+    with pytest.raises(TypeError, match="expected integer class labels"):
+        step(targets=np.zeros(5))
+    with pytest.raises(ValueError, match="the batch is empty"):
+        step(indices=np.array([], np.int64))
+    with pytest.raises(ValueError, match="loss is 'hinge'"):
+        step(loss="hinge")
+    with pytest.raises(ValueError, match="grads shares memory with params"):
+        step(grads=P)
+    with pytest.raises(ValueError, match=r"targets.shape is \(5,\); expected \(5, 2\)"):
+        step(loss="squared_error", targets=np.zeros(5))
+
+
+def _two_layer(seed, act=cr.Tanh):
+    return cr.Sequential(cr.Dense(4, 8), act(), cr.Dense(8, 3), seed=seed)
+
+
+@pytest.mark.parametrize("loss, make_y", [
+    (cr.CrossEntropy(), lambda rng: rng.integers(0, 3, 64)),
+    (cr.BinaryCrossEntropy(), lambda rng: (rng.random((64, 3)) < 0.5).astype(np.float32)),
+    (cr.MSE(), lambda rng: rng.standard_normal((64, 3)).astype(np.float32)),
+    (cr.CrossEntropy(reduction="sum"), lambda rng: rng.integers(0, 3, 64)),
+])
+def test_fit_through_the_plan_equals_the_per_layer_path(monkeypatch, loss, make_y):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 4)).astype(np.float32)
+    y = make_y(rng)
+
+    def train():
+        model = _two_layer(3)
+        opt = cr.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        hist = cr.fit(model, X, y, loss=loss, optimizer=opt, epochs=3, batch_size=16, seed=1,
+                      progress=False)
+        return model.flat_data.copy(), hist.loss
+
+    fast_params, fast_loss = train()
+    monkeypatch.setattr(cr.train, "compile_plan", lambda *a: None)
+    slow_params, slow_loss = train()
+    assert bits_equal(fast_params, slow_params)
+    # MSE's loss value is summed in float64 natively and by a float32 dot in losses.py
+    np.testing.assert_allclose(fast_loss, slow_loss, rtol=1e-6)
+
+
+def test_compile_plan_declines_what_it_cannot_run():
+    ce = cr.CrossEntropy()
+    labels = np.zeros(3, np.int64)
+    assert plan_mod.compile_plan(_two_layer(0), ce, labels) is not None
+    assert plan_mod.compile_plan(_two_layer(0), ce, np.zeros((3, 3))) is None  # soft targets
+    no_bias = cr.Sequential(cr.Dense(4, 3, bias=False), seed=0)
+    assert plan_mod.compile_plan(no_bias, ce, labels) is None
+    ends_in_act = cr.Sequential(cr.Dense(4, 3), cr.Tanh(), seed=0)
+    assert plan_mod.compile_plan(ends_in_act, cr.MSE(), np.zeros((3, 3))) is None
+    probs = cr.Sequential(cr.Dense(4, 1), cr.Sigmoid(), seed=0)
+    assert plan_mod.compile_plan(probs, cr.BinaryCrossEntropy(from_logits=False), np.zeros(3)) is None
+    two_slopes = cr.Sequential(cr.Dense(4, 4), cr.LeakyReLU(0.1), cr.Dense(4, 4),
+                               cr.LeakyReLU(0.2), cr.Dense(4, 1), seed=0)
+    assert plan_mod.compile_plan(two_slopes, cr.MSE(), np.zeros(3)) is None
