@@ -1,6 +1,7 @@
 #include "plan.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 namespace chainrule {
@@ -63,7 +64,7 @@ template <typename T>
 double MlpPlan<T>::train_step(const T* params, T* grads, const T* x, idx rows,
                               const std::int64_t* indices, idx n, const void* targets,
                               const T* weights, LossKind loss, double scale, double l2,
-                              bool accumulate, int nthreads) {
+                              bool accumulate, double* grad_norms, int nthreads) {
     std::lock_guard<std::mutex> lock(mutex_);
     (void)rows;
     const auto& K = kernels<T>();
@@ -170,6 +171,15 @@ double MlpPlan<T>::train_step(const T* params, T* grads, const T* x, idx rows,
             }
         }
         value += 0.5 * l2 * sq;
+    }
+    if (grad_norms) {
+        for (size_t l = 1; l <= L; ++l) {
+            const T* gl = gw[l];  // dW then db, one run
+            const idx size = d[l - 1] * d[l] + d[l];
+            double sq = 0.0;
+            for (idx i = 0; i < size; ++i) sq += static_cast<double>(gl[i]) * static_cast<double>(gl[i]);
+            grad_norms[l - 1] += std::sqrt(sq);
+        }
     }
     return value;
 }

@@ -253,7 +253,7 @@ def test_bad_out_buffers(dtype):
         grad_msg = msg.replace("out", "grad")
         with pytest.raises(exc, match=r"softmax_cross_entropy: " + grad_msg):
             K.softmax_cross_entropy(np.ones((3, 2), dtype), np.zeros(3, int), grad=out)
-        gw_msg = msg.replace("out", "gw").replace(r"\(3, 2\)", r"\(3, 2\)")
+        gw_msg = msg.replace("out", "gw")
         with pytest.raises(exc, match=r"dense_vjp: " + gw_msg):
             K.dense_vjp(np.ones((5, 3), dtype), np.ones((3, 2), dtype), np.ones((5, 2), dtype),
                         gw=out)
@@ -429,55 +429,69 @@ def test_nan_in_optimizer_state_propagates(isa, dtype):
 # ------------------------------------------------------------------ absurd sizes
 
 
+# Each case: (the kernel whose name a ValueError must start with, code).
 ABSURD = {
     # The output would hold 2**80 elements: the count itself overflows.
-    "gemm_overflowing_count": """
+    "gemm_overflowing_count": ("gemm", """
         a = np.empty((2**40, 0), np.float32); b = np.empty((0, 2**40), np.float32)
         K.gemm(a, b)
-    """,
-    "gemm_petabytes": """
-        a = np.empty((2**25, 0), np.float32); b = np.empty((0, 2**25), np.float32)
-        K.gemm(a, b)
-    """,
-    "gemm_trans_overflow": """
+    """),
+    "gemm_trans_overflow": ("gemm", """
         a = np.empty((0, 2**40), np.float64); b = np.empty((2**40, 0), np.float64)
         K.gemm(a, b, trans_a=True, trans_b=True)
-    """,
-    "dense_forward_petabytes": """
+    """),
+    "dense_forward_overflow": ("dense_forward", """
+        K.dense_forward(np.empty((2**40, 0)), np.empty((0, 2**40)))
+    """),
+    # Outputs of 4 and 32 PiB: more than the address space.
+    "gemm_petabytes": ("gemm", """
+        a = np.empty((2**25, 0), np.float32); b = np.empty((0, 2**25), np.float32)
+        K.gemm(a, b)
+    """),
+    "dense_forward_petabytes": ("dense_forward", """
         K.dense_forward(np.empty((2**26, 0)), np.empty((0, 2**26)), activation="relu")
-    """,
-    # Copying a broadcast (stride-0) w of 2**50 float64 needs 8 PiB.
-    "dense_vjp_copy_of_broadcast_w": """
-        w = np.broadcast_to(np.float64(0.5), (2**25, 2**25))
-        K.dense_vjp(np.empty((0, 2**25)), w, np.empty((0, 2**25)))
-    """,
-    # A broadcast (stride-0) input of 2**40 elements must be copied: 4 TiB.
-    "copy_of_broadcast_input": """
+    """),
+    # Inputs that are broadcast views (stride 0) must be copied, and the copy
+    # cannot be had.
+    "gemm_copy_of_broadcast_input": ("gemm", """
         a = np.broadcast_to(np.ones((1, 1), np.float32), (2**40, 1))
         K.gemm(a, np.ones((1, 1), np.float32))
-    """,
-    "activation_copy_of_broadcast_input": """
-        x = np.broadcast_to(np.float64(1.0), (2**22, 2**22))
-        K.sigmoid_forward(x)
-    """,
-    "loss_copy_of_broadcast_logits": """
+    """),
+    "dense_vjp_copy_of_broadcast_w": ("dense_vjp", """
+        w = np.broadcast_to(np.float64(0.5), (2**25, 2**25))
+        K.dense_vjp(np.empty((0, 2**25)), w, np.empty((0, 2**25)))
+    """),
+    "activation_copy_of_broadcast_input": ("sigmoid_forward", """
+        K.sigmoid_forward(np.broadcast_to(np.float64(1.0), (2**22, 2**22)))
+    """),
+    "loss_copy_of_broadcast_logits": ("binary_cross_entropy", """
         z = np.broadcast_to(np.float32(0.0), (2**40,))
         K.binary_cross_entropy(z, np.broadcast_to(np.float32(0.5), (2**40,)))
-    """,
-    "optimizer_copy_of_broadcast_grad": """
+    """),
+    "optimizer_copy_of_broadcast_grad": ("sgd_step", """
         p = np.zeros(2**20, np.float32)
         K.sgd_step(p, np.broadcast_to(np.float32(1.0), (2**20, 2**20)), lr=0.1)
-    """,
+    """),
 }
 
+# pybind11's array_t::ensure() swallows the MemoryError of a failed copy and
+# returns null; the bindings then raise "ValueError: cannot create a
+# pybind11::array_t from a nullptr", which names neither the kernel nor the
+# argument. No crash, but not the promised MemoryError (checks.hpp: input<T>).
+_COPY_BUG = pytest.mark.xfail(
+    strict=True, reason="checks.hpp input<T>: a failed copy of a non-contiguous input raises "
+                        "'cannot create a pybind11::array_t from a nullptr', not MemoryError")
 
-@pytest.mark.parametrize("case", list(ABSURD))
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=_COPY_BUG) if "copy_of" in c else c
+                                  for c in ABSURD])
 def test_absurd_sizes_raise_in_subprocess(case):
+    fn, body = ABSURD[case]
     code = f"""
 import numpy as np
 import chainrule.kernels as K
 try:
-{textwrap.indent(textwrap.dedent(ABSURD[case]), '    ')}
+{textwrap.indent(textwrap.dedent(body), '    ')}
 except (MemoryError, ValueError) as e:
     print("RAISED", type(e).__name__, str(e)[:300])
 else:
@@ -487,7 +501,10 @@ else:
     assert proc.returncode == 0, (
         f"subprocess died with code {proc.returncode} (a crash?)\n"
         f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}")
-    assert "RAISED" in proc.stdout, proc.stdout + proc.stderr
+    line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert line.startswith("RAISED"), proc.stdout + proc.stderr
+    # MemoryError from NumPy's allocator, or a ValueError that names the kernel.
+    assert line.startswith("RAISED MemoryError") or line.startswith(f"RAISED ValueError {fn}: "), line
 
 
 # ------------------------------------------------------------------ threads and ISA

@@ -167,6 +167,11 @@ def test_bad_arrays_are_rejected(tmp_path):
 
     bad = dict(good, **{"param.0.weight": np.zeros((2, 6), np.float64)})
     _write_npz(path, bad)
+    with pytest.raises(ValueError, match=INVALID + r"param\.0\.weight has dtype float64 and shape \(2, 6\); expected float32"):
+        cr.load(path)
+
+    bad = dict(good, **{"param.0.weight": np.zeros((200, 600), np.float32)})
+    _write_npz(path, bad)
     with pytest.raises(ValueError, match=INVALID + r"array 'param\.0\.weight' is \d+ bytes; at most 48 expected"):
         cr.load(path)
 

@@ -15,7 +15,7 @@ import itertools
 import numpy as np
 import pytest
 
-from conftest import K, R, assert_close, bits_equal, gemm_scale, random
+from conftest import K, R, assert_close, available_isas, bits_equal, gemm_scale, random
 
 TRANSPOSES = list(itertools.product([False, True], repeat=2))
 TRANS_IDS = ["NN", "NT", "TN", "TT"]
@@ -73,11 +73,15 @@ def _ab(rng, m, n, k, ta, tb, dtype):
 
 
 def _two_threads(fn):
-    """fn() at 1 and at 2 threads."""
+    """fn() at 1 and at 2 threads, checking on the way that 3 (more threads
+    than this 2-core machine has: uneven splits) gives the bits of 2."""
     K.set_num_threads(1)
     r1 = fn()
+    K.set_num_threads(3)
+    r3 = fn()
     K.set_num_threads(2)
     r2 = fn()
+    _assert_bits_equal_nested(r2, r3)
     return r1, r2
 
 
@@ -156,11 +160,17 @@ def test_gemm_beta_zero_never_reads_out(isa, m, n, k, trans_a, trans_b, dtype, r
                  scale=gemm_scale(a, b, trans_a=trans_a, trans_b=trans_b, alpha=1.5))
 
 
-@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, True)], ids=["NN", "TT"])
-def test_gemm_larger_than_l2(isa, trans_a, trans_b, rng):
+# NN on every ISA; TT (both operands packed from transposed storage) on the
+# SIMD paths only, to keep the suite fast.
+L2_CASES = [(i, False, False) for i in available_isas()] + \
+           [(i, True, True) for i in available_isas() if i != "scalar"]
+
+
+@pytest.mark.parametrize("isa_name, trans_a, trans_b", L2_CASES,
+                         ids=[f"{i}-{'TT' if t else 'NN'}" for i, t, _ in L2_CASES])
+def test_gemm_larger_than_l2(isa_name, trans_a, trans_b, rng):
     """1100 x 1100 x 600 float32: A, B and C (2.6 + 2.6 + 4.8 MB) overflow the 2 MiB L2."""
-    if isa == "scalar" and (trans_a or trans_b):
-        pytest.skip("one scalar run is enough; keeps the suite fast")
+    K.set_isa(isa_name)
     m, n, k = 1100, 1100, 600
     dtype = np.float32
     a, b = _ab(rng, m, n, k, trans_a, trans_b, dtype)
@@ -213,12 +223,20 @@ def test_gemm_transposed_view_equals_trans_flag(dtype, rng):
 # ------------------------------------------------------------------ dense
 
 
+def _big(shape):
+    return shape[0] * shape[1] * shape[2] > 1e6
+
+
+# The big MLP shape runs with a bias only (keeps the suite fast).
+DENSE_CASES = [(*s, bias) for s in DENSE_SHAPES for bias in (True, False)
+               if bias or not _big(s)]
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("n, d_in, d_out", DENSE_SHAPES)
+@pytest.mark.parametrize("n, d_in, d_out, bias", DENSE_CASES,
+                         ids=[f"{n}-{i}-{o}-{'bias' if b else 'nobias'}"
+                              for n, i, o, b in DENSE_CASES])
 def test_dense_forward_matches_reference(isa, n, d_in, d_out, bias, activation, dtype, rng):
-    if not bias and n * d_in * d_out > 1e6:
-        pytest.skip("the big shape runs with a bias only; keeps the suite fast")
     x = random(rng, (n, d_in), dtype)
     w = random(rng, (d_in, d_out), dtype, -2.0 / np.sqrt(d_in), 2.0 / np.sqrt(d_in))
     b = random(rng, (d_out,), dtype) if bias else None
@@ -275,11 +293,18 @@ NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False,
          (False, True, True), (False, False, False)]
 
 
-@pytest.mark.parametrize("need", NEEDS, ids=lambda t: "".join("xwb"[i] for i in range(3) if t[i]) or "none")
-@pytest.mark.parametrize("n, d_in, d_out", DENSE_SHAPES)
+# The big MLP shape runs with every gradient only.
+VJP_CASES = [(*s, need) for s in DENSE_SHAPES for need in NEEDS
+             if need == NEEDS[0] or not _big(s)]
+
+
+def _need_id(t):
+    return "".join("xwb"[i] for i in range(3) if t[i]) or "none"
+
+
+@pytest.mark.parametrize("n, d_in, d_out, need", VJP_CASES,
+                         ids=[f"{n}-{i}-{o}-{_need_id(t)}" for n, i, o, t in VJP_CASES])
 def test_dense_vjp_matches_reference(isa, n, d_in, d_out, need, dtype, rng):
-    if n * d_in * d_out > 1e6 and need != (True, True, True):
-        pytest.skip("the big shape runs with every gradient only")
     x, w, gz = (random(rng, s, dtype) for s in ((n, d_in), (d_in, d_out), (n, d_out)))
     need_gx, need_gw, need_gb = need
     got = K.dense_vjp(x, w, gz, need_gx=need_gx, need_gw=need_gw, need_gb=need_gb)
@@ -374,11 +399,14 @@ def test_column_sums_threads_bit_identical(isa, dtype, rng):
 # ------------------------------------------------------------------ activations
 
 
-@pytest.mark.parametrize("shape", ACT_SHAPES, ids=str)
-@pytest.mark.parametrize("name", ACTIVATIONS)
+# softmax and log_softmax take 1-D or 2-D arrays only.
+ACT_CASES = [(name, shape) for name in ACTIVATIONS for shape in ACT_SHAPES
+             if name not in ROWWISE or len(shape) <= 2]
+ACT_IDS = [f"{name}-{shape}" for name, shape in ACT_CASES]
+
+
+@pytest.mark.parametrize("name, shape", ACT_CASES, ids=ACT_IDS)
 def test_activation_forward_matches_reference(isa, name, shape, dtype, rng):
-    if name in ROWWISE and len(shape) > 2:
-        pytest.skip("softmax takes 1-D or 2-D arrays")
     x = _activation_input(rng, name, shape, dtype)
     y = K.activation_forward(name, x, negative_slope=0.2)
     assert y.dtype == dtype and y.shape == shape
@@ -391,11 +419,8 @@ def test_activation_forward_matches_reference(isa, name, shape, dtype, rng):
     assert bits_equal(y, y2)
 
 
-@pytest.mark.parametrize("shape", ACT_SHAPES, ids=str)
-@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.parametrize("name, shape", ACT_CASES, ids=ACT_IDS)
 def test_activation_vjp_matches_reference(isa, name, shape, dtype, rng):
-    if name in ROWWISE and len(shape) > 2:
-        pytest.skip("softmax takes 1-D or 2-D arrays")
     x = _activation_input(rng, name, shape, dtype)
     y = R.activation_forward(name, x, negative_slope=0.2).astype(dtype)
     gy = random(rng, shape, dtype)
@@ -459,7 +484,9 @@ def test_activation_strided_inputs(name, dtype, rng):
                       expected_gx)
 
 
-LARGE = [-1e4, -1e3, -100.0, -30.0, -20.0, -1.0, -0.0, 0.0, 1.0, 20.0, 30.0, 100.0, 1e3, 1e4]
+# +-1e30 and the edges of exp's range in float32 (88.7) and float64 (709.8).
+LARGE = [-1e4, -1e3, -100.0, -30.0, -20.0, -1.0, -0.0, 0.0, 1.0, 20.0, 30.0, 100.0, 1e3, 1e4,
+         -1e30, 1e30, -88.8, 88.8, -710.0, 710.0, -745.5]
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
@@ -477,11 +504,30 @@ def test_activation_large_inputs_stay_finite(isa, name, dtype):
     if name == "sigmoid":
         y = K.sigmoid_forward(x)
         assert ((y >= 0) & (y <= 1)).all()
-        assert y[0] == 0.0 or y[0] < np.finfo(dtype).tiny * 2  # sigmoid(-1e4) underflows to 0
-        assert y[-4] == 1.0  # sigmoid(1e4)
+        assert y[0] < np.finfo(dtype).tiny * 2  # sigmoid(-1e4) underflows to (almost) 0
+        assert y[LARGE.index(1e4)] == 1.0 and y[LARGE.index(1e30)] == 1.0
     if name == "softmax":
         y = K.softmax_forward(rows)
         assert_close(y.sum(axis=1), np.ones(3), dtype, k=rows.shape[1])
+
+
+@pytest.mark.parametrize("name", ROWWISE)
+def test_softmax_masked_with_minus_inf(isa, name, dtype):
+    """-inf logits (masked entries) get probability 0, not NaN."""
+    rows = np.zeros((3, 17), dtype)
+    rows[0, [0, 5, 16]] = -np.inf
+    rows[1, :16] = -np.inf  # only the tail entry left
+    rows[2, 3::4] = -np.inf
+    rows[:, 1] += 2.0
+    y = K.activation_forward(name, rows)
+    ref = R.activation_forward(name, rows)
+    assert_close(y, ref, dtype, k=17)
+    if name == "softmax":
+        assert (y[np.isneginf(rows)] == 0).all() and not np.isnan(y).any()
+        assert y[1, 16] == 1.0
+    gx = K.activation_vjp(name, y, np.ones_like(y))
+    if name == "softmax":
+        assert np.isfinite(gx).all()
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
@@ -731,9 +777,8 @@ def test_loss_grads_finite_differences(isa, reduction, rng):
 def test_dense_vjp_finite_differences(isa, rng):
     n, d_in, d_out = 3, 4, 5
     x, w, b = (random(rng, s, np.float64) for s in ((n, d_in), (d_in, d_out), (d_out,)))
-    gz = random(rng, (n, d_out), np.float64)
+    gy = random(rng, (n, d_out), np.float64)
     # L = sum(gy * tanh(x @ w + b)); chain tanh_vjp into dense_vjp.
-    gy = gz
 
     def loss():
         return float(np.sum(gy * K.dense_forward(x, w, b, activation="tanh")))
@@ -855,3 +900,55 @@ def test_adam_matches_reference_over_many_steps(isa, rng):
     assert_close(p, pr, np.float64, k=10)
     assert_close(m, mr, np.float64, k=10)
     assert_close(v, vr, np.float64, k=10)
+
+
+# ------------------------------------------------------------------ GIL released
+
+
+def test_concurrent_calls_from_python_threads(dtype, rng):
+    """The GIL is released around kernels: calls from several Python threads
+    at once must not share scratch memory (packing buffers) or state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shapes = [(257, 129, 300), (64, 300, 257), (300, 257, 64), (129, 64, 129)]
+    jobs = []
+    for m, n, k in shapes:
+        a, b = random(rng, (m, k), dtype), random(rng, (k, n), dtype)
+        x, w, bias = random(rng, (m, k), dtype), random(rng, (k, n), dtype), random(rng, (n,), dtype)
+        jobs.append((a, b, x, w, bias))
+
+    def work(job):
+        a, b, x, w, bias = job
+        return (K.gemm(a, b), K.gemm(b, a, trans_a=True, trans_b=True),
+                K.dense_forward(x, w, bias, activation="tanh"),
+                K.dense_vjp(x, w, K.dense_forward(x, w, bias)))
+
+    K.set_num_threads(1)
+    expected = [work(j) for j in jobs]
+    K.set_num_threads(2)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            got = list(pool.map(work, jobs * 2))
+            for i, g in enumerate(got):
+                _assert_bits_equal_nested(g, expected[i % len(jobs)])
+
+
+def test_degenerate_shapes_threads_bit_identical(isa, dtype, rng):
+    """Shapes with one long axis: whatever is split, sums keep their order."""
+    x = random(rng, (BIG_ELEMS,), dtype)
+    tall = random(rng, (BIG_ELEMS, 3), dtype)
+    wide = random(rng, (1, BIG_ELEMS), dtype)
+    t_wide = rng.uniform(0, 1, size=wide.shape).astype(dtype)
+
+    def run():
+        return (K.softmax_forward(x), K.log_softmax_forward(x),
+                K.softmax_vjp(K.softmax_forward(x), x),
+                K.column_sums(tall),
+                K.gemm(tall, tall, trans_a=True),            # 3 x 3 from k = 2**18
+                K.gemm(tall[:3000], tall[:3000], trans_b=True),  # k = 3, big output
+                K.dense_vjp(tall, tall[:3].copy(), tall),
+                K.softmax_cross_entropy(wide, np.array([7])),
+                K.binary_cross_entropy(wide, t_wide),
+                K.binary_cross_entropy(x, np.abs(np.tanh(x))))
+
+    _assert_bits_equal_nested(*_two_threads(run))

@@ -264,6 +264,33 @@ def test_progress_plain_line_and_silence(circles, capsys, monkeypatch):
     assert "epoch 3/3" in err and "val_loss" in err
 
 
+def test_progress_uses_tqdm_when_installed(circles, monkeypatch):
+    import types
+
+    made = []
+
+    class FakeBar:
+        def __init__(self, **kw):
+            self.kw, self.n, self.postfix, self.closed = kw, kw.get("initial", 0), "", False
+            made.append(self)
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix = text
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeBar))
+    monkeypatch.setattr(T._Progress, "delay", 0.0)
+    X, y = circles
+    cr.fit(_tanh_net(), X, y, epochs=4, progress=True)
+    (bar,) = made
+    assert bar.kw["total"] == 4 and bar.n == 4 and bar.closed and bar.postfix.startswith("loss ")
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="needs POSIX signals")
 def test_ctrl_c_stops_at_the_batch_boundary(circles):
     X, y = circles
@@ -366,6 +393,8 @@ def test_steady_training_loop_does_not_allocate(rng):
     (dict(validation_data=(np.ones((2, 3)), [0, 1])), ValueError,
      r"fit: validation_data X has 3 features per sample"),
     (dict(metrics=["f1"]), ValueError, r"fit: metrics must be among accuracy, log_loss, mse; got 'f1'"),
+    (dict(metrics=["accuracy"], loss=cr.MSE()), ValueError,
+     r"fit: metric 'accuracy' needs a classification loss; got MSE\(reduction='mean'\)"),
     (dict(optimizer="sgd"), TypeError, r"fit: optimizer must be an Optimizer \(SGD, Adam\); got str"),
     (dict(model=np.eye(2)), TypeError, r"fit: model must be a chainrule layer or Sequential; got ndarray"),
 ])
@@ -385,6 +414,14 @@ def test_fit_rejects_labels_out_of_range_and_foreign_optimizers():
         cr.fit(model, np.ones((3, 2)), [0, 1, 1], optimizer=cr.SGD(other.parameters(), lr=0.1), progress=False)
     with pytest.raises(ValueError, match=r"fit: cannot infer the loss for a model ending in Tanh\(\)"):
         cr.fit(cr.Sequential(cr.Dense(2, 3), cr.Tanh()), np.ones((3, 2)), [0, 1, 1], progress=False)
+    with pytest.raises(ValueError, match=r"fit: the model ends in Softmax but CrossEntropy applies softmax"):
+        cr.fit(cr.Sequential(cr.Dense(2, 3), cr.Softmax()), np.ones((3, 2)), [0, 1, 1], loss=cr.CrossEntropy(),
+               progress=False)
+    with pytest.raises(ValueError, match=r"fit: the model ends in Sigmoid but BinaryCrossEntropy\(from_logits=True\)"):
+        cr.fit(cr.Sequential(cr.Dense(2, 1), cr.Sigmoid()), np.ones((3, 2)), [0, 1, 1],
+               loss=cr.BinaryCrossEntropy(), progress=False)
+    sig = cr.Sequential(cr.Dense(2, 1), cr.Sigmoid(), seed=0)  # inferred: BCE on probabilities
+    assert len(cr.fit(sig, np.ones((3, 2)), [0, 1, 1], epochs=2, progress=False).loss) == 2
     with pytest.raises(ValueError, match=r"SGD: lr must be > 0; got 0"):
         cr.fit(model, np.ones((3, 2)), [0, 1, 1], optimizer=cr.SGD(model.parameters(), lr=0), progress=False)
 

@@ -86,11 +86,11 @@ class PyPlan {
 
     double train_step(py::handle params, py::handle grads, py::handle x, py::handle targets,
                       const std::string& loss_name, py::handle indices, py::handle weights,
-                      py::handle scale, double l2, bool accumulate) {
+                      py::handle scale, double l2, bool accumulate, py::handle norms) {
         if (f32_) return step<float>(*f32_, params, grads, x, targets, loss_name, indices, weights,
-                                     scale, l2, accumulate);
+                                     scale, l2, accumulate, norms);
         return step<double>(*f64_, params, grads, x, targets, loss_name, indices, weights, scale,
-                            l2, accumulate);
+                            l2, accumulate, norms);
     }
 
     py::object forward(py::handle params, py::handle x, py::handle out) {
@@ -128,7 +128,8 @@ class PyPlan {
     template <typename T>
     double step(MlpPlan<T>& plan, py::handle p_in, py::handle g_in, py::handle x_in,
                 py::handle t_in, const std::string& loss_name, py::handle idx_in,
-                py::handle w_in, py::handle scale_in, double l2, bool accumulate) {
+                py::handle w_in, py::handle scale_in, double l2, bool accumulate,
+                py::handle norms_in) {
         const char* fn = "MLPPlan.train_step";
         const MlpShape& s = plan.shape();
         const LossKind loss = loss_from_name(loss_name);
@@ -222,13 +223,19 @@ class PyPlan {
         } else {
             scale = scale_in.cast<double>();
         }
+        py::array_t<double, py::array::c_style> norms;
+        if (!norms_in.is_none()) {
+            norms = output<double>(fn, "grad_norms", norms_in,
+                                   {static_cast<idx>(s.dims.size() - 1)});
+        }
         const T* pp = params.data();
         T* pg = grads.mutable_data();
         const T* px = x.data();
         const T* pw = w_in.is_none() ? nullptr : w.data();
+        double* pn = norms_in.is_none() ? nullptr : norms.mutable_data();
         py::gil_scoped_release nogil;
         return plan.train_step(pp, pg, px, rows, pidx, n, ptarget, pw, loss, scale, l2,
-                               accumulate, num_threads());
+                               accumulate, pn, num_threads());
     }
 
     template <typename T>
@@ -277,7 +284,7 @@ gradients use the same layout. Not for concurrent use from several threads
         .def_property_readonly("workspace_bytes", &PyPlan::workspace_bytes)
         .def("train_step", &PyPlan::train_step, "params"_a, "grads"_a, "x"_a, "targets"_a,
              py::kw_only(), "loss"_a, "indices"_a = py::none(), "sample_weight"_a = py::none(),
-             "scale"_a = py::none(), "l2"_a = 0.0, "accumulate"_a = false,
+             "scale"_a = py::none(), "l2"_a = 0.0, "accumulate"_a = false, "grad_norms"_a = py::none(),
              R"doc(Gather, forward, loss and backward for one mini-batch; returns the loss.
 
 x (rows, d_0) is the whole data set and indices (n,) pick the batch (all rows

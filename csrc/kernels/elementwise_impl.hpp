@@ -22,7 +22,6 @@
 // loss totals add per-row values in row order.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -87,6 +86,11 @@ inline double double_of(std::int64_t i) {
 inline float abs_of(float x) { return __builtin_fabsf(x); }
 inline double abs_of(double x) { return __builtin_fabs(x); }
 inline float copysign_of(float a, float s) { return __builtin_copysignf(a, s); }
+// Builtins rather than std:: overloads: an inline std:: function that is not
+// inlined (option mismatch with this file's pragma) would become a weak symbol
+// shared by all three ISA objects.
+inline float sqrt_of(float x) { return __builtin_sqrtf(x); }
+inline double sqrt_of(double x) { return __builtin_sqrt(x); }
 inline double copysign_of(double a, double s) { return __builtin_copysign(a, s); }
 
 template <typename T>
@@ -206,8 +210,11 @@ inline double log1p_unit(double u) {
 template <typename T>
 inline T sigmoid_one(T x) {
     const T e = exp_fast(-abs_of(x));
-    const T num = x >= T(0) ? T(1) : e;
-    return num / (T(1) + e);
+    // A select of two computed values, which compilers turn into a blend (a
+    // select between 1 and e was kept as a branch and blocked vectorisation).
+    const T pos = T(1) / (T(1) + e);
+    const T neg = e / (T(1) + e);
+    return x >= T(0) ? pos : neg;
 }
 
 // Cephes tanhf: odd polynomial below 0.625, 1 - 2 / (exp(2|x|) + 1) above
@@ -244,15 +251,27 @@ inline double tanh_one(double x) {
 
 // ---------------------------------------------------------------- flat maps
 
+// Kept out of line: inlined into act_map's switch, GCC saw "control flow in
+// loop" and left the AVX2/AVX-512 sigmoid scalar (4x slower than SSE2).
+template <typename T>
+__attribute__((noinline)) void sigmoid_map(const T* x, T* y, idx count) {
+    for (idx i = 0; i < count; ++i) y[i] = sigmoid_one(x[i]);
+}
+template <typename T>
+__attribute__((noinline)) void tanh_map(const T* x, T* y, idx count) {
+    for (idx i = 0; i < count; ++i) y[i] = tanh_one(x[i]);
+}
+
+
 // y[i] = act(x[i]) for the elementwise activations; x and y may be the same.
 template <typename T>
 inline void act_map(Act act, const T* x, T* y, idx count, T slope) {
     switch (act) {
     case Act::sigmoid:
-        for (idx i = 0; i < count; ++i) y[i] = sigmoid_one(x[i]);
+        sigmoid_map(x, y, count);
         break;
     case Act::tanh:
-        for (idx i = 0; i < count; ++i) y[i] = tanh_one(x[i]);
+        tanh_map(x, y, count);
         break;
     case Act::relu:
         // `x <= 0 ? 0 : x` keeps NaN (the comparison is false).
@@ -373,7 +392,7 @@ template <typename T>
 inline void log_softmax_row(const T* x, T* y, idx d) {
     const T m = row_max(x, d);
     const T s = sum_exp_shift(x, d, m);
-    const T lse = static_cast<T>(static_cast<double>(m) + std::log(static_cast<double>(s)));
+    const T lse = static_cast<T>(static_cast<double>(m) + __builtin_log(static_cast<double>(s)));
     for (idx i = 0; i < d; ++i) y[i] = x[i] - lse;
 }
 
@@ -411,18 +430,6 @@ inline double ordered_row_total(idx n, int nt, F f) {
 
 inline bool is_rowwise(Act act) { return act == Act::softmax || act == Act::log_softmax; }
 
-// Relative cost of one element, for the parallel threshold.
-inline double act_cost(Act act) {
-    switch (act) {
-    case Act::sigmoid:
-    case Act::tanh:
-    case Act::softmax:
-    case Act::log_softmax:
-        return 8.0;
-    default:
-        return 1.0;
-    }
-}
 
 // ---------------------------------------------------------------- activation_block
 
@@ -456,8 +463,9 @@ void activation_block(Act act, T* y, idx rows, idx cols, idx ld, T slope) {
 template <typename T>
 void activation_forward(Act act, const T* x, T* y, idx n, idx d, T slope, int nthreads) {
     if (n <= 0 || d <= 0) return;
-    const int nt = detail::threads_for(static_cast<double>(n) * static_cast<double>(d) *
-                                           detail::act_cost(act),
+    // kParallelElems elements per call, whatever the activation: waking an
+    // idle worker costs about as much as 64K sigmoids (perf-notes.md).
+    const int nt = detail::threads_for(static_cast<double>(n) * static_cast<double>(d),
                                        static_cast<double>(detail::kParallelElems), nthreads);
     if (detail::is_rowwise(act)) {
         const bool soft = act == Act::softmax;
@@ -487,8 +495,7 @@ template <typename T>
 void activation_vjp(Act act, const T* y, const T* gy, T* gx, idx n, idx d, T slope,
                     int nthreads) {
     if (n <= 0 || d <= 0) return;
-    const int nt = detail::threads_for(static_cast<double>(n) * static_cast<double>(d) *
-                                           (detail::is_rowwise(act) ? 4.0 : 1.0),
+    const int nt = detail::threads_for(static_cast<double>(n) * static_cast<double>(d),
                                        static_cast<double>(detail::kParallelElems), nthreads);
     if (detail::is_rowwise(act)) {
         const bool soft = act == Act::softmax;
@@ -559,7 +566,7 @@ template <typename T>
 double softmax_cross_entropy(const T* logits, const std::int64_t* labels, const T* weights,
                              T* grad, idx n, idx k, double scale, int nthreads) {
     if (n <= 0 || k <= 0) return 0.0;
-    const int nt = detail::threads_for(static_cast<double>(n) * static_cast<double>(k) * 8.0,
+    const int nt = detail::threads_for(static_cast<double>(n) * static_cast<double>(k),
                                        static_cast<double>(detail::kParallelElems), nthreads);
     auto row = [=](idx i) -> double {
         const T* z = logits + i * k;
@@ -579,7 +586,7 @@ double softmax_cross_entropy(const T* logits, const std::int64_t* labels, const 
         } else {
             s = detail::sum_exp_shift(z, k, m);
         }
-        const double lse = static_cast<double>(m) + std::log(static_cast<double>(s));
+        const double lse = static_cast<double>(m) + __builtin_log(static_cast<double>(s));
         return w * (lse - static_cast<double>(zl));
     };
     return scale * detail::ordered_row_total(n, nt, row);
@@ -589,7 +596,7 @@ template <typename T>
 double soft_cross_entropy(const T* logits, const T* targets, const T* weights, T* grad, idx n,
                           idx k, double scale, int nthreads) {
     if (n <= 0 || k <= 0) return 0.0;
-    const int nt = detail::threads_for(static_cast<double>(n) * static_cast<double>(k) * 16.0,
+    const int nt = detail::threads_for(static_cast<double>(n) * static_cast<double>(k),
                                        static_cast<double>(detail::kParallelElems), nthreads);
     auto row = [=](idx i) -> double {
         const T* z = logits + i * k;
@@ -597,7 +604,7 @@ double soft_cross_entropy(const T* logits, const T* targets, const T* weights, T
         const double w = weights ? static_cast<double>(weights[i]) : 1.0;
         const T m = detail::row_max(z, k);
         const T s = detail::sum_exp_shift(z, k, m);
-        const double lse = static_cast<double>(m) + std::log(static_cast<double>(s));
+        const double lse = static_cast<double>(m) + __builtin_log(static_cast<double>(s));
         // loss = sum_j t_j (lse - z_j): no cancellation between lse * sum(t)
         // and sum(t z) when the prediction is confident.
         double lane[detail::kLanes] = {};
@@ -624,7 +631,7 @@ template <typename T>
 double binary_cross_entropy(const T* logits, const T* targets, const T* weights, T* grad,
                             idx n, idx k, double scale, int nthreads) {
     if (n <= 0 || k <= 0) return 0.0;
-    const int nt = detail::threads_for(static_cast<double>(n) * static_cast<double>(k) * 16.0,
+    const int nt = detail::threads_for(static_cast<double>(n) * static_cast<double>(k),
                                        static_cast<double>(detail::kParallelElems), nthreads);
     auto row = [=](idx i) -> double {
         const T* z = logits + i * k;
@@ -734,16 +741,16 @@ void sgd_step(T* p, const T* g, T* buf, idx size, T lr, T momentum, T dampening,
 template <typename T>
 void adam_step(T* p, const T* g, T* m, T* v, idx size, T lr, T beta1, T beta2, T eps,
                T weight_decay, bool decoupled, std::int64_t step, int nthreads) {
-    const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
-    const double bc2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
+    const double bc1 = 1.0 - __builtin_pow(static_cast<double>(beta1), static_cast<double>(step));
+    const double bc2 = 1.0 - __builtin_pow(static_cast<double>(beta2), static_cast<double>(step));
     const T step_size = static_cast<T>(static_cast<double>(lr) / bc1);
-    const T bc2_sqrt = static_cast<T>(std::sqrt(bc2));
+    const T bc2_sqrt = static_cast<T>(__builtin_sqrt(bc2));
     const T decay = static_cast<T>(1.0 - static_cast<double>(lr) * static_cast<double>(weight_decay));
     const T b1c = T(1) - beta1;
     const T b2c = T(1) - beta2;
     const bool l2 = !decoupled && weight_decay != T(0);
     const bool shrink = decoupled && weight_decay != T(0);
-    detail::flat_blocks(size, nthreads, 2.0, [=](idx i0, idx cnt) {
+    detail::flat_blocks(size, nthreads, 1.0, [=](idx i0, idx cnt) {
         T* pp = p + i0;
         const T* gg = g + i0;
         T* mm = m + i0;
@@ -757,7 +764,7 @@ void adam_step(T* p, const T* g, T* m, T* v, idx size, T lr, T beta1, T beta2, T
             const T vi = beta2 * vv[i] + b2c * (gi * gi);
             mm[i] = mi;
             vv[i] = vi;
-            const T denom = std::sqrt(vi) / bc2_sqrt + eps;
+            const T denom = detail::sqrt_of(vi) / bc2_sqrt + eps;
             pp[i] = pi - step_size * (mi / denom);
         }
     });

@@ -146,6 +146,19 @@ class _Reader:
         return a
 
 
+def _implied_parameters(config) -> int:
+    """Parameter count a (not yet validated) layer record implies; 0 where it is malformed."""
+    if not isinstance(config, dict):
+        return 0
+    if config.get("type") == "Sequential" and isinstance(config.get("layers"), list):
+        return sum(_implied_parameters(c) for c in config["layers"])
+    if config.get("type") == "Dense":
+        d_in, d_out = config.get("d_in"), config.get("d_out")
+        if isinstance(d_in, int) and isinstance(d_out, int) and d_in > 0 and d_out > 0:
+            return d_in * d_out + (d_out if config.get("bias") is True else 0)
+    return 0
+
+
 def _expect(cond, reader, what):
     if not cond:
         reader.fail(what)
@@ -195,12 +208,15 @@ def load(path, *, with_optimizer: bool = False):
                 f"format version {record.get('version')!r} is not supported (this chainrule reads {VERSION})")
         missing = {"model", "dtype", "parameters", "optimizer"} - set(record)
         _expect(not missing, r, f"the record lacks {sorted(missing)}")
+        dtype = record["dtype"]
+        _expect(dtype in ("float32", "float64"), r, f"dtype must be 'float32' or 'float64'; got {dtype!r}")
+        # Check the weight bytes the architecture implies before building (allocating) it.
+        total = _implied_parameters(record["model"]) * np.dtype(dtype).itemsize
+        _expect(total <= file_size, r, f"the architecture needs {total} bytes of weights; the file has {file_size}")
         try:
             model = layer_from_config(record["model"])
         except (ValueError, TypeError) as e:
             r.fail(f"bad architecture: {e}")
-        dtype = record["dtype"]
-        _expect(dtype in ("float32", "float64"), r, f"dtype must be 'float32' or 'float64'; got {dtype!r}")
         if not isinstance(model, Sequential):
             model._set_dtype(np.dtype(dtype))
         _expect(model.dtype.name == dtype, r, f"dtype {dtype!r} does not match the model's {model.dtype.name!r}")
@@ -209,8 +225,6 @@ def load(path, *, with_optimizer: bool = False):
         expected = [{"name": n, "shape": list(p.shape)} for n, p in named]
         _expect(listed == expected, r, f"the parameter list {listed!r:.200} does not match the architecture, "
                                        f"which implies {expected!r:.200}")
-        total = sum(p.size * p.dtype.itemsize for _, p in named)
-        _expect(total <= file_size, r, f"the architecture needs {total} bytes of weights; the file has {file_size}")
 
         opt_record = record["optimizer"]
         opt_keys = []

@@ -300,11 +300,8 @@ class MSE(Loss):
         diff = self._buffers.get("diff", pred.shape, pred.dtype)
         np.subtract(pred, target, out=diff)
         if sample_weight is None:
-            # sum of squares as one native 1 x N by N x 1 product
-            flat = diff.reshape(1, -1)
-            acc = self._buffers.get("acc", (1, 1), pred.dtype)
-            kernels.gemm(flat, flat, trans_b=True, out=acc)
-            total, denom = float(acc[0, 0]), pred.size
+            flat = diff.reshape(-1)
+            total, denom = float(np.dot(flat, flat)), pred.size  # a BLAS reduction, no allocation
         else:
             w = sample_weight if pred.ndim == 1 else sample_weight[:, None]
             total = float(np.sum(w * diff.astype(np.float64) ** 2))

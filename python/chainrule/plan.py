@@ -38,13 +38,15 @@ class TrainPlan:
         self.model, self.plan, self.loss_name, self.scale = model, plan, loss_name, scale
         self._params, self._grads = model.flat_data, model.flat_grad
 
-    def step(self, X, t, indices=None) -> float:
+    def step(self, X, t, indices=None, grad_norms=None) -> float:
         """Write d loss / d params for the batch ``X[indices]`` into the model's grads.
 
-        Returns the batch loss. ``indices=None`` takes all of ``X``.
+        Returns the batch loss. ``indices=None`` takes all of ``X``. Each
+        Dense layer's gradient norm is added to ``grad_norms`` (float64, one
+        entry per Dense layer) when given.
         """
         return self.plan.train_step(self._params, self._grads, X, t, loss=self.loss_name,
-                                    indices=indices, scale=self.scale)
+                                    indices=indices, scale=self.scale, grad_norms=grad_norms)
 
 
 def compile_plan(model, loss, target):

@@ -68,16 +68,17 @@ Extras over scikit-learn
     epoch (the data term of the training loss, without the L2 term), next to
     ``validation_scores_``. None otherwise.
 ``grad_norms_curve_``
-    Stochastic solvers: one ndarray of shape (n_layers_ - 1,) per epoch, the
-    root mean square over the epoch's mini-batches of each layer's gradient
-    norm ``sqrt(||dL/dW_l||^2 + ||dL/db_l||^2)`` (L2 term included).
+    Stochastic solvers: one ndarray of shape (n_layers_ - 1,) per epoch, for
+    each layer the norm ``sqrt(||gW_l||^2 + ||gb_l||^2)`` of the epoch's mean
+    mini-batch gradient (L2 term included). It estimates the full-batch
+    gradient norm and tends to 0 as training converges, where the norms of
+    single mini-batch gradients would level off at the noise.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from numbers import Integral
 
 import numpy as np
 import scipy.optimize
@@ -148,7 +149,8 @@ class _SGD:
 
     def iteration_ends(self, time_step):
         if self.lr_schedule == "invscaling":
-            self._set_learning_rate(float(self.learning_rate_init) / (time_step + 1) ** self.power_t)
+            lr = float(self.learning_rate_init) / (time_step + 1) ** self.power_t
+            self._set_learning_rate(lr)
 
     def trigger_stopping(self, msg, verbose):
         if self.lr_schedule != "adaptive":
@@ -231,18 +233,24 @@ class _BaseMLP(BaseEstimator):
 
     def _bind_views(self):
         """Point coefs_ / intercepts_ at the flat buffer (and remember them)."""
-        units, P, G = self._layer_units, self._params, self._grads
-        self.coefs_, self.intercepts_, self._grad_segments = [], [], []
+        units, P = self._layer_units, self._params
+        self.coefs_, self.intercepts_ = [], []
         start = 0
         for d_in, d_out in zip(units[:-1], units[1:]):
             mid = start + d_in * d_out
             end = mid + d_out
             self.coefs_.append(P[start:mid].reshape(d_in, d_out))
             self.intercepts_.append(P[mid:end])
-            # W_l and b_l are adjacent: one segment per layer for its norm.
-            self._grad_segments.append(G[start:end])
             start = end
         self._views = (tuple(self.coefs_), tuple(self.intercepts_))
+
+    def _split_layers(self, flat):
+        """Per-layer segments of a flat buffer: W_l and b_l are adjacent."""
+        units, start, out = self._layer_units, 0, []
+        for d_in, d_out in zip(units[:-1], units[1:]):
+            out.append(flat[start:start + d_in * d_out + d_out])
+            start += d_in * d_out + d_out
+        return out
 
     def _sync_params(self):
         """Copy coefs_ / intercepts_ back into the buffer if they were replaced."""
@@ -277,7 +285,7 @@ class _BaseMLP(BaseEstimator):
         state = dict(super().__getstate__())
         # The plan is native (rebuilt on load) and the views would unpickle as
         # copies, so only the flat parameter buffer travels.
-        for key in ("_plan", "coefs_", "intercepts_", "_grads", "_grad_segments", "_views"):
+        for key in ("_plan", "coefs_", "intercepts_", "_grads", "_views"):
             state.pop(key, None)
         return state
 
@@ -517,9 +525,8 @@ class _BaseMLP(BaseEstimator):
 
         step = self._make_step(X, T, sample_weight)
         update = optimizer.step
-        segments = self._grad_segments
-        n_layers = len(segments)
-        dot = np.dot
+        grad_sum = np.zeros_like(G)  # the epoch's mini-batch gradients, for grad_norms_curve_
+        add = np.add
         rs = self._random_state
         try:
             self.n_iter_ = 0
@@ -534,20 +541,20 @@ class _BaseMLP(BaseEstimator):
                     totals = size_list
                 else:
                     totals = [float(t) for t in np.add.reduceat(sample_weight[rows], starts)]
-                sq = [0.0] * n_layers
+                grad_sum.fill(0)
                 accumulated_loss = 0.0
                 for start, n_batch, total in zip(starts.tolist(), size_list, totals):
                     accumulated_loss += step(rows[start:start + n_batch], total) * n_batch
-                    for j in range(n_layers):
-                        seg = segments[j]
-                        sq[j] += float(dot(seg, seg))
+                    add(grad_sum, G, out=grad_sum)
                     update(P, G)
 
                 self.n_iter_ += 1
                 self.loss_ = accumulated_loss / n_samples
                 self.t_ += n_samples
                 self.loss_curve_.append(self.loss_)
-                self.grad_norms_curve_.append(np.sqrt(np.asarray(sq) / len(size_list)))
+                self.grad_norms_curve_.append(
+                    np.array([math.sqrt(float(np.dot(g, g))) for g in self._split_layers(grad_sum)])
+                    / len(size_list))
                 if self.verbose:
                     print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
 
@@ -676,7 +683,8 @@ _DOC_PARAMS = """
     Parameters, defaults and fitted attributes are scikit-learn's (see its
     documentation); this class adds ``validation_loss_curve_`` and
     ``grad_norms_curve_`` (see :mod:`chainrule.sklearn`). ``partial_fit``
-    raises AttributeError for ``solver="lbfgs"``.
+    raises AttributeError for ``solver="lbfgs"`` (scikit-learn's regressor
+    exposes it and runs a full L-BFGS fit; its classifier raises, as here).
 """
 
 

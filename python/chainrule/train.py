@@ -476,18 +476,21 @@ class _GradNorms:
         groups = _layer_groups(model)
         self.names = [name for name, _ in groups]
         self._views = [[g.reshape(-1) for g in grads] for _, grads in groups]
-        self.sums = [0.0] * len(groups)
+        # Running sums of the norms, one per layer (float64: compiled plans add into it).
+        self.sums = np.zeros(len(groups))
 
     def current(self):
-        return [math.sqrt(sum(float(np.dot(v, v)) for v in views)) for views in self._views]
+        with np.errstate(over="ignore", invalid="ignore"):  # a huge gradient norm is inf, not an error
+            return [math.sqrt(sum(float(np.dot(v, v)) for v in views)) for views in self._views]
 
     def add(self):
         sums = self.sums
-        for j, views in enumerate(self._views):
-            total = 0.0
-            for v in views:
-                total += float(np.dot(v, v))
-            sums[j] += math.sqrt(total)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for j, views in enumerate(self._views):
+                total = 0.0
+                for v in views:
+                    total += float(np.dot(v, v))
+                sums[j] += math.sqrt(total)
 
 
 def gradient_norms(model, loss, X, y) -> list:
@@ -762,8 +765,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
             if shuffle:
                 rng.shuffle(idx)
             sums = norms.sums
-            for j in range(len(sums)):
-                sums[j] = 0.0
+            sums.fill(0.0)
             epoch_total, seen, done = 0.0, 0, 0
             stop_now = False
             for b in range(n_batches):
@@ -772,7 +774,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
                     size = min(bs, n - start)
                     if fast is not None:
                         # One native call: gather, forward, loss, backward (see plan.py).
-                        value = fast.step(X, t, idx[start:start + size])
+                        value = fast.step(X, t, idx[start:start + size], norms.sums)
                     elif shuffle:
                         bufs = gathered.get(size)
                         if bufs is None:
@@ -796,7 +798,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
                         raise err
                     if fast is None:
                         model._backward(loss._grad, False, True)
-                    norms.add()
+                        norms.add()
                     optimizer.step()
                     epoch_total += value * size if loss.reduction == "mean" else value
                     seen += size
@@ -834,7 +836,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
                 history.metrics[key].append(logs[key])
             history.time.append(elapsed)
             history.lr.append(optimizer.lr)
-            history.grad_norms.append([s / done for s in sums])
+            history.grad_norms.append((sums / done).tolist())
             logs["lr"], logs["time"] = optimizer.lr, elapsed
             if sigint[0]:
                 history.interrupted = True
