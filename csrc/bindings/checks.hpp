@@ -88,6 +88,21 @@ inline void check_ndim(const char* fn, const char* arg, const py::array& a, int 
     }
 }
 
+// A C-contiguous copy of `a` when it is not one already. A copy that cannot
+// be had raises MemoryError naming the function and argument.
+template <typename T>
+py::array_t<T, py::array::c_style> contiguous(const char* fn, const char* arg, const py::array& a) {
+    auto c = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(a);
+    if (!c) {  // ensure() has cleared the error; with the dtype checked, memory is what failed
+        const std::string msg = std::string(fn) + ": cannot make a contiguous copy of " + arg +
+                                " (shape " + shape_str(a) + ", " +
+                                std::to_string(a.size()) + " elements): out of memory";
+        PyErr_SetString(PyExc_MemoryError, msg.c_str());
+        throw py::error_already_set();
+    }
+    return c;
+}
+
 // A C-contiguous array of T. The dtype must already be T (no silent
 // float64 -> float32 casts); a non-contiguous or byte-swapped input is copied.
 template <typename T>
@@ -100,7 +115,7 @@ py::array_t<T, py::array::c_style> input(const char* fn, const char* arg, py::ha
                    dtype_name<T>() + " like the other inputs");
     }
     check_ndim(fn, arg, a, ndim_lo, ndim_hi);
-    return py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(a);
+    return contiguous<T>(fn, arg, a);
 }
 
 // Like input<T>, but converts any real dtype to T: for targets and weights,
@@ -115,7 +130,7 @@ py::array_t<T, py::array::c_style> converted(const char* fn, const char* arg, py
                    "; expected a real number dtype");
     }
     check_ndim(fn, arg, a, ndim_lo, ndim_hi);
-    return py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(a);
+    return contiguous<T>(fn, arg, a);
 }
 
 inline idx checked_product(const char* fn, const std::vector<idx>& shape) {

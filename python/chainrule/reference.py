@@ -46,6 +46,8 @@ def _act(name, z, negative_slope=0.01):
         return np.maximum(z, 0.0)
     if name == "leaky_relu":
         return np.where(z > 0, z, negative_slope * z)
+    if name in ("softmax", "log_softmax") and z.shape[-1] == 0:
+        return z.copy()  # rows of no classes: nothing to normalise
     if name == "softmax":
         s = np.exp(z - z.max(axis=-1, keepdims=True))
         return s / s.sum(axis=-1, keepdims=True)
