@@ -83,10 +83,28 @@ def _check_X(X, model, where: str, what: str = "X") -> np.ndarray:
             f"({what}.shape is {X.shape})"
         )
     X = np.ascontiguousarray(X, dtype=model.dtype)
-    if not np.isfinite(X).all():
-        r, c = np.argwhere(~np.isfinite(X))[0]
-        raise ValueError(f"{where}: {what} contains NaN or inf (first at row {r}, column {c})")
+    bad = _first_non_finite(X)
+    if bad is not None:
+        raise ValueError(f"{where}: {what} contains NaN or inf (first at row {bad[0]}, column {bad[1]})")
     return X
+
+
+def _first_non_finite(X, rows_per_chunk: int = 4096):
+    """(row, column) of the first NaN or inf in 2-D X, or None.
+
+    Without allocating an array the size of X: one sum (NaN and inf reach
+    it), and only when that is not finite a scan in chunks of rows.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(X, axis=None)):
+            return None
+    for start in range(0, X.shape[0], rows_per_chunk):
+        block = X[start:start + rows_per_chunk]
+        bad = ~np.isfinite(block)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            return start + int(r), int(c)
+    return None  # finite values whose sum overflowed
 
 
 def _check_positive_int(value, where, name):
