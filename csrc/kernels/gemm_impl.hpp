@@ -198,6 +198,242 @@ __attribute__((noinline)) void gemm_on_stack(bool trans_a, bool trans_b, idx m, 
                     bbuf, abuf);
 }
 
+// ---------------------------------------------------------------- direct path
+//
+// Small problems (see use_direct) skip packing: A and B are read where they
+// lie, so a call costs its FMAs plus a few hundred cycles, with no scratch
+// allocation. The tile is M x (NV vectors) of C: each k step loads NV vectors
+// of row p of op(B) and broadcasts one value of op(A) per row. Masked (only
+// the last vector, only for the last column block) handles narrow n, so
+// n = 10 computes one vector, not a 32-wide sliver. op(B) must have its rows
+// contiguous (B not transposed, or a transposed B packed into a stack strip
+// by gemm_direct). Every element of C is one sequential sum over all of k,
+// whatever the thread count.
+
+// op(A)(i, p) = a[p * lda + i] (trans_a) or a[i * lda + p].
+template <class V, typename T, int M, int NV, bool Masked, bool AT>
+inline void direct_tile(idx k, const T* __restrict a, idx lda, const T* __restrict b, idx ldb,
+                        T* c, idx ldc, int nr, const T* alpha_beta, const T* bias) {
+    using reg = typename V::reg;
+    constexpr int W = V::W;
+    const typename V::mask kl = V::first(nr - (NV - 1) * W);
+    reg acc[M][NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < M; ++i)
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+
+    if constexpr (AT) {
+#pragma GCC unroll 2
+        for (idx p = 0; p < k; ++p) {
+            reg bv[NV];
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; ++v)
+                bv[v] = Masked && v == NV - 1 ? V::load(kl, b + v * W) : V::load(b + v * W);
+#pragma GCC unroll 16
+            for (int i = 0; i < M; ++i) {
+                const reg ai = V::set1(a[i]);
+#pragma GCC unroll 2
+                for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(ai, bv[v], acc[i][v]);
+            }
+            a += lda;
+            b += ldb;
+        }
+    } else {
+        // Rows in groups of four: one moving pointer per group plus the
+        // offsets lda, 2 lda, 3 lda keep the addressing in a few registers.
+        constexpr int G = (M + 3) / 4;
+        const T* ag[G];
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) ag[g] = a + 4 * g * lda;
+        const idx l1 = lda, l2 = 2 * lda, l3 = 3 * lda;
+#pragma GCC unroll 2
+        for (idx p = 0; p < k; ++p) {
+            reg bv[NV];
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; ++v)
+                bv[v] = Masked && v == NV - 1 ? V::load(kl, b + v * W) : V::load(b + v * W);
+#pragma GCC unroll 16
+            for (int i = 0; i < M; ++i) {
+                const T* r = ag[i / 4];
+                const idx off = i % 4 == 0 ? 0 : i % 4 == 1 ? l1 : i % 4 == 2 ? l2 : l3;
+                const reg ai = V::set1(r[off]);
+#pragma GCC unroll 2
+                for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(ai, bv[v], acc[i][v]);
+            }
+#pragma GCC unroll 4
+            for (int g = 0; g < G; ++g) ++ag[g];
+            b += ldb;
+        }
+    }
+
+    const T alpha = alpha_beta[0], beta = alpha_beta[1];
+    const reg va = V::set1(alpha), vb = V::set1(beta);
+    reg vbias[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+        vbias[v] = !bias ? V::zero()
+                   : Masked && v == NV - 1 ? V::load(kl, bias + v * W) : V::load(bias + v * W);
+    const bool read_c = beta != T(0);
+#pragma GCC unroll 16
+    for (int i = 0; i < M; ++i) {
+        T* ci = c + i * ldc;
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) {
+            const bool mv = Masked && v == NV - 1;
+            reg r = V::mul(va, acc[i][v]);
+            if (read_c) r = V::fmadd(vb, mv ? V::load(kl, ci + v * W) : V::load(ci + v * W), r);
+            if (bias) r = V::add(r, vbias[v]);
+            if (mv)
+                V::store(kl, ci + v * W, r);
+            else
+                V::store(ci + v * W, r);
+        }
+    }
+}
+
+// One column block of C (width nr <= 2 W) for rows [0, m): row tiles of MRD.
+template <class V, typename T, int MRD, int NV, bool Masked, bool AT>
+void direct_column(idx m, idx k, const T* a, idx lda, const T* b, idx ldb, T* c, idx ldc, int nr,
+                   const T* alpha_beta, const T* bias) {
+    idx i0 = 0;
+    for (; i0 + MRD <= m; i0 += MRD)
+        direct_tile<V, T, MRD, NV, Masked, AT>(k, AT ? a + i0 : a + i0 * lda, lda, b, ldb,
+                                               c + i0 * ldc, ldc, nr, alpha_beta, bias);
+    const int mr = int(m - i0);
+    if (mr == 0) return;
+    const T* at = AT ? a + i0 : a + i0 * lda;
+    T* ct = c + i0 * ldc;
+    switch (mr) {
+#define CHAINRULE_DT_CASE(R)                                                                  \
+    case R:                                                                                   \
+        if constexpr (R < MRD)                                                                \
+            direct_tile<V, T, R, NV, Masked, AT>(k, at, lda, b, ldb, ct, ldc, nr, alpha_beta, \
+                                                 bias);                                       \
+        return;
+        CHAINRULE_DT_CASE(1)
+        CHAINRULE_DT_CASE(2)
+        CHAINRULE_DT_CASE(3)
+        CHAINRULE_DT_CASE(4)
+        CHAINRULE_DT_CASE(5)
+        CHAINRULE_DT_CASE(6)
+        CHAINRULE_DT_CASE(7)
+        CHAINRULE_DT_CASE(8)
+        CHAINRULE_DT_CASE(9)
+        CHAINRULE_DT_CASE(10)
+        CHAINRULE_DT_CASE(11)
+        CHAINRULE_DT_CASE(12)
+        CHAINRULE_DT_CASE(13)
+#undef CHAINRULE_DT_CASE
+        default: return;
+    }
+}
+
+// Largest k of the direct path; a transposed B strip is k x 2 W on the stack
+// (64 KiB for either dtype on AVX-512).
+constexpr idx kDirectMaxK = 512;
+
+// Shape-only choice (never the thread count, so the bits do not depend on
+// it): all of k in one pass, and op(B) small enough to stay in L2 while
+// every row tile sweeps it.
+template <typename T>
+bool use_direct(idx m, idx n, idx k) {
+    if constexpr (!MicroKernel<T>::kDirect) {
+        (void)m; (void)n; (void)k;
+        return false;
+    } else {
+        return k <= kDirectMaxK && double(n) * double(k) <= 65536.0 &&
+               double(m) * double(n) * double(k) <= 16777216.0;
+    }
+}
+
+// Rows [i0, i1) of C through the direct tiles; column blocks of 2 W outer so
+// that the k x 2W strip of op(B) stays in L1 across the row tiles. strip
+// (k x 2W values) is needed only when trans_b.
+template <typename T>
+void direct_rows(bool trans_a, bool trans_b, idx i0, idx i1, idx n, idx k, const T* alpha_beta,
+                 const T* a, idx lda, const T* b, idx ldb, T* c, idx ldc, const Epilogue<T>& ep,
+                 T* strip) {
+    using MK = MicroKernel<T>;
+    using V = typename MK::V;
+    constexpr int W = V::W, MRD = MK::MRD, NB = 2 * W;
+    const idx m = i1 - i0;
+    const T* ar = trans_a ? a + i0 : a + i0 * lda;
+    T* cr = c + i0 * ldc;
+    for (idx j0 = 0; j0 < n; j0 += NB) {
+        const int nr = int(min_i(NB, n - j0));
+        const T* bs = b + j0;
+        idx lds = ldb;
+        if (trans_b) {
+            // B is stored (n, k): gather its rows j0.. into k rows of NB.
+            // Row by row of B: contiguous reads, and the NB-strided writes
+            // stay within the strip, which is in L1.
+            const T* src = b + j0 * ldb;
+            for (int j = 0; j < nr; ++j) {
+                const T* r = src + j * ldb;
+                T* d = strip + j;
+                for (idx p = 0; p < k; ++p) d[p * NB] = r[p];
+            }
+            bs = strip;
+            lds = NB;
+        }
+        T* ct = cr + j0;
+        const T* bias = ep.bias ? ep.bias + j0 : nullptr;
+#define CHAINRULE_DIRECT(NV, MASKED)                                                              \
+    (trans_a ? direct_column<V, T, MRD, NV, MASKED, true>(m, k, ar, lda, bs, lds, ct, ldc, nr,   \
+                                                          alpha_beta, bias)                      \
+             : direct_column<V, T, MRD, NV, MASKED, false>(m, k, ar, lda, bs, lds, ct, ldc, nr,  \
+                                                           alpha_beta, bias))
+        if (nr == NB)
+            CHAINRULE_DIRECT(2, false);
+        else if (nr > W)
+            CHAINRULE_DIRECT(2, true);
+        else
+            CHAINRULE_DIRECT(1, true);
+#undef CHAINRULE_DIRECT
+        if (ep.act != Act::identity) detail::activation_block<T>(ep.act, ct, m, nr, ldc, ep.slope);
+    }
+}
+
+// The direct path for a transposed B: the strip lives on the stack, in a
+// frame of its own so that the other paths do not reserve it.
+template <typename T>
+__attribute__((noinline)) void direct_rows_tb(bool trans_a, idx i0, idx i1, idx n, idx k,
+                                              const T* alpha_beta, const T* a, idx lda,
+                                              const T* b, idx ldb, T* c, idx ldc,
+                                              const Epilogue<T>& ep) {
+    alignas(64) T strip[kDirectMaxK * 2 * MicroKernel<T>::V::W];
+    direct_rows<T>(trans_a, true, i0, i1, n, k, alpha_beta, a, lda, b, ldb, c, ldc, ep, strip);
+}
+
+// C = alpha op(A) op(B) + beta C (+ epilogue) for shapes that use_direct
+// accepts; threads (only above kParallelFlops) take whole row tiles.
+template <typename T>
+void gemm_direct(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const T* a, idx lda,
+                 const T* b, idx ldb, T beta, T* c, idx ldc, const Epilogue<T>& ep,
+                 int nthreads) {
+    constexpr int MRD = MicroKernel<T>::MRD;
+    const T alpha_beta[2] = {alpha, beta};
+    const idx tiles = ceil_div(m, MRD);
+    idx nt = detail::threads_for(2.0 * double(m) * double(n) * double(k), detail::kParallelFlops,
+                                 nthreads);
+    nt = min_i(nt, tiles);
+    auto rows = [&](idx i0, idx i1) {
+        if (trans_b)
+            direct_rows_tb<T>(trans_a, i0, i1, n, k, alpha_beta, a, lda, b, ldb, c, ldc, ep);
+        else
+            direct_rows<T>(trans_a, false, i0, i1, n, k, alpha_beta, a, lda, b, ldb, c, ldc, ep,
+                           nullptr);
+    };
+    if (nt <= 1) {
+        rows(0, m);
+        return;
+    }
+#pragma omp parallel for num_threads(int(nt)) schedule(static, 1)
+    for (idx t = 0; t < nt; ++t)
+        rows(min_i(m, MRD * (tiles * t / nt)), min_i(m, MRD * (tiles * (t + 1) / nt)));
+}
+
 // Threads: C is cut into `nt` blocks of whole slivers along N (each thread
 // packs its own columns of B and all of A) or, when C is taller than wide,
 // along M (each packs all of B). Each block is an independent single-thread
@@ -214,6 +450,13 @@ void gemm_driver(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const
     if (k <= 0 || alpha == T(0)) {
         scale_rows(m, n, beta, c, ldc, ep, nthreads);
         return;
+    }
+    if constexpr (MK::kDirect) {
+        if (use_direct<T>(m, n, k)) {
+            gemm_direct<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep,
+                           nthreads);
+            return;
+        }
     }
 
     const idx m_slivers = ceil_div(m, MR), n_slivers = ceil_div(n, NR);

@@ -19,13 +19,14 @@ struct Vec;
 template <>
 struct Vec<float> {
     using reg = __m256;
+    using mask = __m256i;
     static constexpr int W = 8;
     static reg zero() { return _mm256_setzero_ps(); }
     static reg set1(float x) { return _mm256_set1_ps(x); }
     static reg load(const float* p) { return _mm256_loadu_ps(p); }
     static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
     // Lanes [0, n) active; n may be <= 0 or >= W.
-    static __m256i mask(int n) {
+    static __m256i first(int n) {
         return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     }
     static reg load(__m256i k, const float* p) { return _mm256_maskload_ps(p, k); }
@@ -38,12 +39,13 @@ struct Vec<float> {
 template <>
 struct Vec<double> {
     using reg = __m256d;
+    using mask = __m256i;
     static constexpr int W = 4;
     static reg zero() { return _mm256_setzero_pd(); }
     static reg set1(double x) { return _mm256_set1_pd(x); }
     static reg load(const double* p) { return _mm256_loadu_pd(p); }
     static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
-    static __m256i mask(int n) {
+    static __m256i first(int n) {
         return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
     }
     static reg load(__m256i k, const double* p) { return _mm256_maskload_pd(p, k); }
@@ -116,7 +118,7 @@ inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T*
         for (int i = 0; i < M; ++i)
             write_row<T, false>(c + i * ldc, c0[i], c1[i], va, vb, read_c, bias, none, none);
     } else {
-        const __m256i k0 = V::mask(nr), k1 = V::mask(nr - W);
+        const __m256i k0 = V::first(nr), k1 = V::first(nr - W);
 #pragma GCC unroll 6
         for (int i = 0; i < M; ++i)
             write_row<T, true>(c + i * ldc, c0[i], c1[i], va, vb, read_c, bias, k0, k1);
@@ -133,6 +135,12 @@ struct MicroKernel {
     static constexpr int NR = 2 * micro::Vec<T>::W;
     static constexpr idx KC = 256;
     static constexpr idx NC = sizeof(T) == 4 ? 384 : 192;
+
+    // The unpacked small-problem path (gemm_impl.hpp, direct_tile): vector
+    // type and rows per tile (MRD x 2 vectors: 12 accumulators, as above).
+    using V = micro::Vec<T>;
+    static constexpr bool kDirect = true;
+    static constexpr int MRD = 6;
 
     // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr]
     // with {alpha, beta} = alpha_beta[0:2]: passed in memory so that the

@@ -137,6 +137,12 @@ struct MicroKernel {
     static constexpr idx KC = sizeof(T) == 4 ? 384 : 256;
     static constexpr idx NC = sizeof(T) == 4 ? 768 : 512;
 
+    // The unpacked small-problem path (gemm_impl.hpp, direct_tile): vector
+    // type and rows per tile (MRD x 2 vectors: 28 accumulators, as above).
+    using V = micro::Vec<T>;
+    static constexpr bool kDirect = true;
+    static constexpr int MRD = 14;
+
     // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr]
     // with {alpha, beta} = alpha_beta[0:2]: passed in memory so that the
     // compiler does not pin them in a vector register across the k loop

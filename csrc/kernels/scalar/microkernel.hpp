@@ -15,6 +15,8 @@ struct MicroKernel {
     static constexpr int NR = 16 / sizeof(T) * 2;  // two SSE vectors per row
     static constexpr idx KC = 256;
     static constexpr idx NC = sizeof(T) == 4 ? 512 : 256;
+    // No unpacked small-problem path: the scalar ISA always packs.
+    static constexpr bool kDirect = false;
 
     // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr],
     // {alpha, beta} = alpha_beta[0:2].
