@@ -12,8 +12,9 @@ namespace chainrule {
 namespace {
 
 // cpuid leaf 7 / xgetbv checks: the CPU must have the instructions AND the OS
-// must save the wide registers, or AVX code faults.
-bool os_saves(unsigned long long mask) {
+// must save the wide registers, or AVX code faults. Portable-only builds
+// (CHAINRULE_PORTABLE_ONLY) never call them.
+[[maybe_unused]] bool os_saves(unsigned long long mask) {
 #if defined(__x86_64__) || defined(__i386__)
     unsigned eax, ebx, ecx, edx;
     __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));
@@ -28,7 +29,7 @@ bool os_saves(unsigned long long mask) {
 #endif
 }
 
-bool cpu_has_avx2() {
+[[maybe_unused]] bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && os_saves(0x6);
@@ -37,7 +38,7 @@ bool cpu_has_avx2() {
 #endif
 }
 
-bool cpu_has_avx512() {
+[[maybe_unused]] bool cpu_has_avx512() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
     return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
@@ -57,20 +58,34 @@ bool cpu_has_avx512() {
     }
 
 const KernelTable kScalar{"scalar", CHAINRULE_SET(scalar, float), CHAINRULE_SET(scalar, double)};
+// CMake defines CHAINRULE_PORTABLE_ONLY where the AVX objects are not built
+// (non-x86 CPUs); the AVX tables then do not exist and never get picked.
+#ifndef CHAINRULE_PORTABLE_ONLY
 const KernelTable kAvx2{"avx2", CHAINRULE_SET(avx2, float), CHAINRULE_SET(avx2, double)};
 const KernelTable kAvx512{"avx512", CHAINRULE_SET(avx512, float), CHAINRULE_SET(avx512, double)};
+#endif
 
 const KernelTable* table_for(const std::string& name) {
     if (name == "scalar") return &kScalar;
+#ifndef CHAINRULE_PORTABLE_ONLY
     if (name == "avx2") return cpu_has_avx2() ? &kAvx2 : nullptr;
     if (name == "avx512") return cpu_has_avx512() ? &kAvx512 : nullptr;
+#endif
     return nullptr;
+}
+
+const KernelTable* best_table() {
+#ifndef CHAINRULE_PORTABLE_ONLY
+    if (cpu_has_avx512()) return &kAvx512;
+    if (cpu_has_avx2()) return &kAvx2;
+#endif
+    return &kScalar;
 }
 
 std::string g_env_problem;
 
 const KernelTable* initial_table() {
-    const KernelTable* best = cpu_has_avx512() ? &kAvx512 : cpu_has_avx2() ? &kAvx2 : &kScalar;
+    const KernelTable* best = best_table();
     if (const char* env = std::getenv("CHAINRULE_ISA")) {
         if (*env == '\0') return best;
         if (const KernelTable* forced = table_for(env)) return forced;
@@ -107,8 +122,10 @@ const KernelSet<double>& kernels<double>() { return table().f64; }
 
 std::vector<std::string> available_isas() {
     std::vector<std::string> out{"scalar"};
+#ifndef CHAINRULE_PORTABLE_ONLY
     if (cpu_has_avx2()) out.push_back("avx2");
     if (cpu_has_avx512()) out.push_back("avx512");
+#endif
     return out;
 }
 

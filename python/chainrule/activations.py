@@ -26,11 +26,15 @@ The local Jacobians (rows indexed by outputs, ``J[i, j] = dy_i / dx_j``) are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import kernels
+
+if TYPE_CHECKING:
+    from ._core import _Act
 
 __all__ = ["Activation", "ACTIVATIONS", "get", "local_jacobian"]
 
@@ -57,17 +61,19 @@ class Activation:
     """
 
     name: str
-    forward: Callable
-    vjp: Callable
+    forward: Callable[..., np.ndarray]
+    vjp: Callable[..., np.ndarray]
     elementwise: bool
     init: str
 
 
-def _pair(name: str, elementwise: bool, init: str) -> Activation:
-    def forward(x, *, negative_slope=0.01, out=None):
+def _pair(name: _Act, elementwise: bool, init: str) -> Activation:
+    def forward(x: ArrayLike, *, negative_slope: float = 0.01,
+                out: np.ndarray | None = None) -> np.ndarray:
         return kernels.activation_forward(name, x, negative_slope=negative_slope, out=out)
 
-    def vjp(y, gy, *, negative_slope=0.01, out=None):
+    def vjp(y: ArrayLike, gy: ArrayLike, *, negative_slope: float = 0.01,
+            out: np.ndarray | None = None) -> np.ndarray:
         return kernels.activation_vjp(name, y, gy, negative_slope=negative_slope, out=out)
 
     forward.__name__, vjp.__name__ = f"{name}_forward", f"{name}_vjp"
@@ -105,7 +111,7 @@ def get(name: str) -> Activation:
         ) from None
 
 
-def local_jacobian(name: str, x, *, negative_slope: float = 0.01) -> np.ndarray:
+def local_jacobian(name: str, x: ArrayLike, *, negative_slope: float = 0.01) -> np.ndarray:
     """Closed-form Jacobian of one activation at one sample, for reading.
 
     Parameters
@@ -134,7 +140,7 @@ def local_jacobian(name: str, x, *, negative_slope: float = 0.01) -> np.ndarray:
     if name == "identity":
         return np.eye(x.size)
     if name == "sigmoid":
-        s = 1.0 / (1.0 + np.exp(-x))
+        s: NDArray[np.float64] = 1.0 / (1.0 + np.exp(-x))
         return np.diag(s * (1.0 - s))
     if name == "tanh":
         return np.diag(1.0 - np.tanh(x) ** 2)

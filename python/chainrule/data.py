@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numbers
+from typing import cast
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .layers import _rng
 
@@ -12,7 +14,8 @@ __all__ = ["make_circles", "train_test_split"]
 
 
 def make_circles(n_samples: int = 100, *, noise: float | None = None, factor: float = 0.8,
-                 seed=None, shuffle: bool = True):
+                 seed: int | np.random.Generator | None = None,
+                 shuffle: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Two concentric circles: the lecture's data that no line separates.
 
     Same construction as scikit-learn's ``make_circles``: ``n_samples // 2``
@@ -35,11 +38,12 @@ def make_circles(n_samples: int = 100, *, noise: float | None = None, factor: fl
     X : ndarray of shape (n_samples, 2), float64
     y : ndarray of shape (n_samples,), int64, in {0, 1}
     """
-    if not isinstance(n_samples, numbers.Integral) or isinstance(n_samples, bool) or n_samples < 2:
+    # cast: mypy deems int and numbers.Integral disjoint and the rest unreachable
+    if not isinstance(cast(object, n_samples), numbers.Integral) or isinstance(n_samples, bool) or n_samples < 2:
         raise ValueError(f"make_circles: n_samples must be an integer >= 2; got {n_samples!r}")
-    if not isinstance(factor, numbers.Real) or not 0 < factor < 1:
+    if not isinstance(cast(object, factor), numbers.Real) or not 0 < factor < 1:
         raise ValueError(f"make_circles: factor must be in (0, 1); got {factor!r}")
-    if noise is not None and (not isinstance(noise, numbers.Real) or not np.isfinite(noise) or noise < 0):
+    if noise is not None and (not isinstance(cast(object, noise), numbers.Real) or not np.isfinite(noise) or noise < 0):
         raise ValueError(f"make_circles: noise must be None or a finite number >= 0; got {noise!r}")
     rng = _rng(seed, "make_circles")
     n_out = n_samples // 2
@@ -59,7 +63,9 @@ def make_circles(n_samples: int = 100, *, noise: float | None = None, factor: fl
     return X, y
 
 
-def train_test_split(X, y, *, test_size: float = 0.25, seed=None):
+def train_test_split(X: ArrayLike, y: ArrayLike, *, test_size: float = 0.25,
+                     seed: int | np.random.Generator | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Split ``(X, y)`` at random into train and test parts.
 
     Parameters
@@ -78,7 +84,7 @@ def train_test_split(X, y, *, test_size: float = 0.25, seed=None):
     if X.ndim == 0 or y.ndim == 0 or len(X) != len(y):
         raise ValueError(f"train_test_split: X has {len(X) if X.ndim else 'no'} samples but y has "
                          f"{len(y) if y.ndim else 'none'}")
-    if not isinstance(test_size, numbers.Real) or not 0 < test_size < 1:
+    if not isinstance(cast(object, test_size), numbers.Real) or not 0 < test_size < 1:
         raise ValueError(f"train_test_split: test_size must be in (0, 1); got {test_size!r}")
     n = len(X)
     n_test = int(np.ceil(n * test_size))

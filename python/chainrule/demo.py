@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any
 
 import numpy as np
 
@@ -31,16 +32,16 @@ from .optim import SGD, Adam
 from .train import fit, gradient_norms, predict, predict_proba
 
 
-def _rule(title):
+def _rule(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 66 - len(title)))
 
 
-def _logistic(d_in, seed):
+def _logistic(d_in: int, seed: int) -> Sequential:
     """Logistic regression: a network with no hidden layer, f(x) = sigma(w^T x + b)."""
     return Sequential(Dense(d_in, 1), seed=seed)
 
 
-def two_circles(report, seed=0):
+def two_circles(report: dict[str, Any], seed: int = 0) -> None:
     _rule("1. Two circles: learn phi(x) instead of programming it")
     X, y = data.make_circles(1000, noise=0.08, factor=0.5, seed=seed)
     X_tr, X_te, y_tr, y_te = data.train_test_split(X, y, test_size=0.3, seed=seed)
@@ -77,7 +78,7 @@ def two_circles(report, seed=0):
     report["circles"] = (X, y, basis)
 
 
-def backprop_as_chain_rule(seed=0):
+def backprop_as_chain_rule(seed: int = 0) -> None:
     _rule("2. Backpropagation is the chain rule, written with Jacobians")
     model = Sequential(Dense(2, 3), Tanh(), Dense(3, 2), Sigmoid(), seed=seed, dtype="float64")
     x = np.array([0.5, -1.0])
@@ -96,7 +97,8 @@ def backprop_as_chain_rule(seed=0):
           f"largest relative error {check.max_rel_error:.2e} (at {check.parameter}{list(check.index)})")
 
 
-def vanishing_gradients(report, seed=0, depth=8, width=32):
+def vanishing_gradients(report: dict[str, Any], seed: int = 0, depth: int = 8,
+                        width: int = 32) -> None:
     _rule(f"3. Vanishing gradients: {depth} hidden layers of sigmoid vs ReLU")
     X, y = data.make_circles(512, noise=0.1, factor=0.5, seed=seed)
     bce = BinaryCrossEntropy(from_logits=True)
@@ -119,7 +121,7 @@ def vanishing_gradients(report, seed=0, depth=8, width=32):
     report["vanishing"] = rows
 
 
-def digits(report, seed=0):
+def digits(report: dict[str, Any], seed: int = 0) -> None:
     _rule("4. A real data set: handwritten digits, 64-128-10, softmax cross-entropy")
     try:
         from sklearn.datasets import load_digits
@@ -145,7 +147,7 @@ def digits(report, seed=0):
     report["digits"] = {"test_accuracy": te, "history": hist}
 
 
-def plots(report, out_dir):
+def plots(report: dict[str, Any], out_dir: str) -> list[str]:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -155,7 +157,7 @@ def plots(report, out_dir):
               "(pip install 'chainrule[demo]')")
         return []
     os.makedirs(out_dir, exist_ok=True)
-    written = []
+    written: list[str] = []
     X, y, basis = report["circles"]
     names = ["logistic regression on x", "logistic regression on phi(x)",
              "network, one tanh hidden layer"]
@@ -207,7 +209,7 @@ def plots(report, out_dir):
     return written
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="chainrule demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", metavar="DIR", help="write PNG plots there (needs matplotlib)")
@@ -215,7 +217,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     print(f"chainrule demo -- kernels: {kernels.isa()}, threads: {kernels.get_num_threads()}")
-    report = {}
+    report: dict[str, Any] = {}
     two_circles(report, args.seed)
     backprop_as_chain_rule(args.seed)
     vanishing_gradients(report, args.seed)

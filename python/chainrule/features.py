@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from itertools import combinations_with_replacement
 import numbers
+from typing import Any, Iterable, cast
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["PolynomialBasis"]
 
@@ -39,7 +41,7 @@ class PolynomialBasis:
     ----------
     n_features_in_ : int
         Set by :meth:`fit`.
-    powers_ : ndarray of shape (n_output_features_, n_features_in_), int
+    powers_ : ndarray of shape (n_output_features, n_features_in), int
         ``powers_[j, i]`` is the exponent of input ``i`` in output ``j``.
     n_output_features_ : int
 
@@ -56,16 +58,16 @@ class PolynomialBasis:
     array([[1., 2., 3., 4., 9.]])
     """
 
-    def __init__(self, degree=2, cross_terms=False, include_bias=True):
+    def __init__(self, degree: int = 2, cross_terms: bool = False, include_bias: bool = True) -> None:
         self.degree = degree
         self.cross_terms = cross_terms
         self.include_bias = include_bias
 
     # scikit-learn's parameter protocol, without importing scikit-learn
-    def get_params(self, deep: bool = True) -> dict:
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
         return {"degree": self.degree, "cross_terms": self.cross_terms, "include_bias": self.include_bias}
 
-    def set_params(self, **params) -> "PolynomialBasis":
+    def set_params(self, **params: Any) -> "PolynomialBasis":
         for key, value in params.items():
             if key not in self.get_params():
                 raise ValueError(f"PolynomialBasis.set_params: unknown parameter {key!r}; "
@@ -79,7 +81,8 @@ class PolynomialBasis:
 
     def _validate_params(self, where: str) -> None:
         d = self.degree
-        if not isinstance(d, numbers.Integral) or isinstance(d, bool) or d < 0:
+        # cast: mypy deems int and numbers.Integral disjoint and the rest unreachable
+        if not isinstance(cast(object, d), numbers.Integral) or isinstance(d, bool) or d < 0:
             raise ValueError(f"{where}: degree must be an integer >= 0; got {d!r}")
         for name in ("cross_terms", "include_bias"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
@@ -87,7 +90,7 @@ class PolynomialBasis:
         if d == 0 and not self.include_bias:
             raise ValueError(f"{where}: degree=0 with include_bias=False gives no features")
 
-    def _check_X(self, X, where: str) -> np.ndarray:
+    def _check_X(self, X: ArrayLike, where: str) -> np.ndarray:
         X = np.asarray(X)
         if X.dtype.kind not in "fiub":
             raise TypeError(f"{where}: X must hold numbers; got dtype {X.dtype}")
@@ -119,7 +122,7 @@ class PolynomialBasis:
                     rows.append(row)
         return np.array(rows, dtype=np.int64).reshape(len(rows), d)
 
-    def fit(self, X, y=None) -> "PolynomialBasis":
+    def fit(self, X: ArrayLike, y: object = None) -> "PolynomialBasis":
         """Record the number of inputs and the exponents; returns self."""
         self._validate_params("PolynomialBasis.fit")
         X = self._check_X(X, "PolynomialBasis.fit")
@@ -128,7 +131,7 @@ class PolynomialBasis:
         self.n_output_features_ = len(self.powers_)
         return self
 
-    def transform(self, X) -> np.ndarray:
+    def transform(self, X: ArrayLike) -> np.ndarray:
         """``phi(X)``.
 
         Parameters
@@ -153,11 +156,11 @@ class PolynomialBasis:
                 out[:, j] *= X[:, i] ** row[i] if row[i] > 1 else X[:, i]
         return out
 
-    def fit_transform(self, X, y=None) -> np.ndarray:
+    def fit_transform(self, X: ArrayLike, y: object = None) -> np.ndarray:
         """``fit(X).transform(X)``."""
         return self.fit(X, y).transform(X)
 
-    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+    def get_feature_names_out(self, input_features: Iterable[str] | None = None) -> np.ndarray:
         """Names like ``"1"``, ``"x0"``, ``"x0^2"``, ``"x0 x1"`` (scikit-learn's style)."""
         d = getattr(self, "n_features_in_", None)
         if d is None:

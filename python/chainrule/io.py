@@ -35,10 +35,14 @@ import json
 import os
 import tempfile
 import zipfile
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast, overload
 
 import numpy as np
 
 from .layers import Layer, Sequential, layer_from_config
+
+if TYPE_CHECKING:
+    from .optim import Optimizer
 
 __all__ = ["save", "load"]
 
@@ -54,7 +58,7 @@ def _version() -> str:
     return __version__
 
 
-def save(model, path, *, optimizer=None) -> None:
+def save(model: Layer, path: str | os.PathLike[str], *, optimizer: Optimizer | None = None) -> None:
     """Write ``model`` (and optionally ``optimizer``'s state) to ``path``.
 
     Parameters
@@ -70,8 +74,8 @@ def save(model, path, *, optimizer=None) -> None:
     if not isinstance(model, Layer):
         raise TypeError(f"save: model must be a chainrule layer or Sequential; got {type(model).__name__}")
     named = model.named_parameters()
-    arrays = {f"param.{name}": p.data for name, p in named}
-    record = {
+    arrays: dict[str, Any] = {f"param.{name}": p.data for name, p in named}
+    record: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "chainrule": _version(),
         "model": model.config(),
         "dtype": model.dtype.name,
@@ -117,9 +121,9 @@ def save(model, path, *, optimizer=None) -> None:
 class _Reader:
     """Reads members of an npz after checking their stored sizes."""
 
-    def __init__(self, path, zf: zipfile.ZipFile, file_size: int):
+    def __init__(self, path: str, zf: zipfile.ZipFile, file_size: int) -> None:
         self.path, self.zf, self.file_size = path, zf, file_size
-        self.infos = {}
+        self.infos: dict[str, zipfile.ZipInfo] = {}
         for info in zf.infolist():
             name = info.filename
             if not name.endswith(".npy"):
@@ -128,7 +132,7 @@ class _Reader:
                 self.fail(f"member {name!r} appears twice")
             self.infos[name[:-4]] = info
 
-    def fail(self, what: str):
+    def fail(self, what: str) -> NoReturn:
         raise ValueError(f"load: {self.path!r} is not a valid chainrule model file: {what}")
 
     def read(self, key: str, max_data_bytes: int) -> np.ndarray:
@@ -146,7 +150,7 @@ class _Reader:
         return a
 
 
-def _implied_parameters(config) -> int:
+def _implied_parameters(config: Any) -> int:
     """Parameter count a (not yet validated) layer record implies; 0 where it is malformed."""
     if not isinstance(config, dict):
         return 0
@@ -159,12 +163,23 @@ def _implied_parameters(config) -> int:
     return 0
 
 
-def _expect(cond, reader, what):
+def _expect(cond: object, reader: _Reader, what: str) -> None:
     if not cond:
         reader.fail(what)
 
 
-def load(path, *, with_optimizer: bool = False):
+@overload
+def load(path: str | os.PathLike[str], *, with_optimizer: Literal[False] = ...) -> Layer: ...
+@overload
+def load(path: str | os.PathLike[str], *,
+         with_optimizer: Literal[True]) -> tuple[Layer, Optimizer | None]: ...
+@overload
+def load(path: str | os.PathLike[str], *,
+         with_optimizer: bool) -> Layer | tuple[Layer, Optimizer | None]: ...
+
+
+def load(path: str | os.PathLike[str], *,
+         with_optimizer: bool = False) -> Layer | tuple[Layer, Optimizer | None]:
     """Read a model written by :func:`save`.
 
     Parameters
@@ -244,7 +259,7 @@ def load(path, *, with_optimizer: bool = False):
             _expect(bool(np.isfinite(a).all()), r, f"param.{name} contains NaN or inf")
             p.data = a
 
-        optimizer = None
+        optimizer: Optimizer | None = None
         if opt_record is not None:
             from .optim import OPTIMIZERS
 
@@ -263,7 +278,7 @@ def load(path, *, with_optimizer: bool = False):
             try:
                 hyper = sd.get("hyper")
                 _expect(isinstance(hyper, dict) and "lr" in hyper, r, "optimizer hyper-parameters lack lr")
-                optimizer = OPTIMIZERS[kind](model.parameters(), **hyper)
+                optimizer = OPTIMIZERS[kind](model.parameters(), **cast(dict[str, Any], hyper))
                 optimizer.load_state_dict(sd)
             except (TypeError, ValueError) as e:
                 if isinstance(e, ValueError) and str(e).startswith("load:"):

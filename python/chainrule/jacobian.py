@@ -22,8 +22,10 @@ backpropagation is made of: one backward pass per output ``i`` with
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence, cast
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import losses as _losses
 from .layers import Layer, Sequential
@@ -33,12 +35,12 @@ __all__ = ["jacobian", "jacobian_chain", "chain_product", "gradcheck", "Factor",
 _LAYOUTS = ("numerator", "lecture")
 
 
-def _check_layout(layout, where):
+def _check_layout(layout: str, where: str) -> None:
     if layout not in _LAYOUTS:
         raise ValueError(f"{where}: layout must be 'numerator' or 'lecture'; got {layout!r}")
 
 
-def jacobian(model, x, *, layout: str = "numerator") -> np.ndarray:
+def jacobian(model: Layer, x: ArrayLike, *, layout: str = "numerator") -> np.ndarray:
     """The Jacobian of the outputs with respect to the inputs.
 
     Parameters
@@ -106,7 +108,7 @@ class Factor:
         return f"Factor({self.index}: {self.layer!r}, jacobian shape {self.jacobian.shape})"
 
 
-def jacobian_chain(model, x, *, layout: str = "numerator") -> list:
+def jacobian_chain(model: Layer, x: ArrayLike, *, layout: str = "numerator") -> list[Factor]:
     """The local Jacobians whose product is the network's Jacobian at ``x``.
 
     Parameters
@@ -136,14 +138,14 @@ def jacobian_chain(model, x, *, layout: str = "numerator") -> list:
         raise ValueError(f"jacobian_chain: x must be one sample of shape (n_in,); got shape {x.shape}")
     layers = model.layers if isinstance(model, Sequential) else [model]
     h = model._check_x(x[None, :], "jacobian_chain")
-    chain = []
+    chain: list[Factor] = []
     for i, layer in enumerate(layers):
         chain.append(Factor(i, layer, h[0].copy(), jacobian(layer, h[0], layout=layout)))
         h = layer._forward(h).copy()
     return chain
 
 
-def chain_product(chain, *, layout: str = "numerator") -> np.ndarray:
+def chain_product(chain: Sequence[Factor], *, layout: str = "numerator") -> np.ndarray:
     """Multiply a chain from :func:`jacobian_chain` (made with the same ``layout``).
 
     ``"numerator"``: ``J_L @ ... @ J_2 @ J_1``; ``"lecture"``:
@@ -180,7 +182,7 @@ class GradcheckResult:
 
     max_rel_error: float
     parameter: str
-    index: tuple
+    index: tuple[int, ...]
     analytic: float
     numeric: float
     n_checked: int
@@ -189,8 +191,10 @@ class GradcheckResult:
         return self.max_rel_error
 
 
-def gradcheck(model, loss, X, y, *, eps: float = 1e-5, atol: float = 1e-6, dtype="float64",
-              max_checks: int | None = None, seed=0) -> GradcheckResult:
+def gradcheck(model: Layer, loss: _losses.Loss | str, X: ArrayLike, y: ArrayLike, *,
+              eps: float = 1e-5, atol: float = 1e-6, dtype: DTypeLike | None = "float64",
+              max_checks: int | None = None, seed: int | np.random.Generator | None = 0
+              ) -> GradcheckResult:
     """Compare every parameter gradient with central finite differences.
 
     ``f = (L(theta + eps e_k) - L(theta - eps e_k)) / (2 eps)`` for each entry
@@ -233,7 +237,7 @@ def gradcheck(model, loss, X, y, *, eps: float = 1e-5, atol: float = 1e-6, dtype
         raise ValueError("gradcheck: the model has no parameters")
     m.zero_grad()
     loss._forward(m._forward(X), t, True)
-    m._backward(loss._grad, False, True)
+    m._backward(cast(np.ndarray, loss._grad), False, True)
     entries = [(name, p, k) for name, p in params for k in range(p.size)]
     if max_checks is not None and max_checks < len(entries):
         pick = np.random.default_rng(seed).choice(len(entries), size=max_checks, replace=False)
@@ -251,6 +255,7 @@ def gradcheck(model, loss, X, y, *, eps: float = 1e-5, atol: float = 1e-6, dtype
         analytic = float(p.grad.reshape(-1)[k])
         err = abs(analytic - numeric) / max(abs(analytic), abs(numeric), atol)
         if err > worst.max_rel_error or not worst.parameter:
-            worst = GradcheckResult(err, name, np.unravel_index(k, p.shape), analytic, numeric, len(entries))
+            worst = GradcheckResult(err, name, cast(tuple[int, ...], np.unravel_index(k, p.shape)),
+                                    analytic, numeric, len(entries))
     worst.index = tuple(int(i) for i in worst.index)
     return worst

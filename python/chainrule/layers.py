@@ -31,11 +31,21 @@ from __future__ import annotations
 
 from collections import OrderedDict
 import numbers
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import activations as _act
 from . import kernels
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from ._core import _Act
+
+    #: What every ``seed=`` argument accepts.
+    Seed: TypeAlias = int | np.random.Generator | None
 
 __all__ = [
     "Parameter",
@@ -59,7 +69,7 @@ INITS = ("auto", "glorot_uniform", "he", "normal", "zeros")
 _FLOAT_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 
 
-def _as_dtype(dtype, where: str) -> np.dtype:
+def _as_dtype(dtype: DTypeLike, where: str) -> np.dtype:
     """Resolve a dtype argument to float32 or float64."""
     try:
         dt = np.dtype(dtype)
@@ -70,7 +80,7 @@ def _as_dtype(dtype, where: str) -> np.dtype:
     return dt
 
 
-def _rng(seed, where: str) -> np.random.Generator:
+def _rng(seed: Seed, where: str) -> np.random.Generator:
     """A Generator from ``seed``: None (fresh entropy), an int, or a Generator."""
     if isinstance(seed, np.random.Generator):
         return seed
@@ -83,7 +93,7 @@ def _rng(seed, where: str) -> np.random.Generator:
     )
 
 
-def _positive_int(value, where: str, name: str) -> int:
+def _positive_int(value: Any, where: str, name: str) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{where}: {name} must be a positive integer; got {value!r}")
     return int(value)
@@ -97,11 +107,11 @@ class _Buffers:
     steady state allocation-free without keeping every size ever seen.
     """
 
-    def __init__(self, capacity: int = 16):
-        self._arrays: OrderedDict = OrderedDict()
+    def __init__(self, capacity: int = 16) -> None:
+        self._arrays: OrderedDict[tuple[str, tuple[int, ...]], np.ndarray] = OrderedDict()
         self._capacity = capacity
 
-    def get(self, tag: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    def get(self, tag: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         key = (tag, shape)
         a = self._arrays.get(key)
         if a is None or a.dtype != dtype:
@@ -122,7 +132,7 @@ class _FlatStore:
 
     __slots__ = ("data", "grad", "params")
 
-    def __init__(self, data: np.ndarray, grad: np.ndarray, params: tuple):
+    def __init__(self, data: np.ndarray, grad: np.ndarray, params: tuple[Parameter, ...]) -> None:
         self.data, self.grad, self.params = data, grad, params
 
 
@@ -145,16 +155,16 @@ class Parameter:
 
     __slots__ = ("name", "_data", "_grad", "_owner")
 
-    def __init__(self, data, name: str = ""):
+    def __init__(self, data: ArrayLike, name: str = "") -> None:
         data = np.array(data, order="C")  # always a private copy
         if data.dtype.name not in _FLOAT_DTYPES:
             raise TypeError(f"Parameter: data must be float32 or float64; got {data.dtype}")
         self.name = name
         self._data = data
         self._grad = np.zeros_like(data)
-        self._owner = None
+        self._owner: _FlatStore | None = None
 
-    def _assign(self, target: np.ndarray, value, attr: str) -> None:
+    def _assign(self, target: np.ndarray, value: ArrayLike, attr: str) -> None:
         value = np.asarray(value)
         if value.shape != target.shape:
             raise ValueError(
@@ -167,7 +177,7 @@ class Parameter:
         return self._data
 
     @data.setter
-    def data(self, value) -> None:
+    def data(self, value: ArrayLike) -> None:
         self._assign(self._data, value, "data")
 
     @property
@@ -175,11 +185,11 @@ class Parameter:
         return self._grad
 
     @grad.setter
-    def grad(self, value) -> None:
+    def grad(self, value: ArrayLike) -> None:
         self._assign(self._grad, value, "grad")
 
     @property
-    def shape(self) -> tuple:
+    def shape(self) -> tuple[int, ...]:
         return self._data.shape
 
     @property
@@ -190,7 +200,7 @@ class Parameter:
     def dtype(self) -> np.dtype:
         return self._data.dtype
 
-    def _rebind(self, data: np.ndarray, grad: np.ndarray, owner) -> None:
+    def _rebind(self, data: np.ndarray, grad: np.ndarray, owner: _FlatStore) -> None:
         data[...] = self._data
         grad[...] = self._grad
         self._data, self._grad, self._owner = data, grad, owner
@@ -218,11 +228,11 @@ class Layer:
         None means float32 unless a :class:`Sequential` passes its own down.
     """
 
-    def __init__(self, *, dtype=None):
+    def __init__(self, *, dtype: DTypeLike | None = None) -> None:
         self._dtype_explicit = dtype is not None
         self._dtype = _as_dtype("float32" if dtype is None else dtype, type(self).__name__)
         self._buffers = _Buffers()
-        self._out_shape = None
+        self._out_shape: tuple[int, ...] | None = None
 
     # -- what a layer is -------------------------------------------------
     @property
@@ -231,19 +241,19 @@ class Layer:
         return self._dtype
 
     @property
-    def d_in(self):
+    def d_in(self) -> int | None:
         """Input features, or None when any width works (activations)."""
         return None
 
-    def output_dim(self, d_in):
+    def output_dim(self, d_in: int | None) -> int | None:
         """Output features for ``d_in`` input features."""
         return d_in
 
-    def parameters(self) -> list:
+    def parameters(self) -> list[Parameter]:
         """The trainable parameters, in order (weight, then bias)."""
         return []
 
-    def named_parameters(self) -> list:
+    def named_parameters(self) -> list[tuple[str, Parameter]]:
         """``[(name, Parameter), ...]`` in the order of :meth:`parameters`."""
         return [(p.name, p) for p in self.parameters()]
 
@@ -252,16 +262,16 @@ class Layer:
         for p in self.parameters():
             p.grad.fill(0)
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         """A JSON-ready description, enough to rebuild the layer (not its weights)."""
         return {"type": type(self).__name__}
 
-    def copy(self, dtype=None) -> "Layer":
+    def copy(self, dtype: DTypeLike | None = None) -> Layer:
         """A deep copy with the same weights, optionally cast to ``dtype``."""
         new = layer_from_config(self.config())
         new._set_dtype(_as_dtype(dtype or self._dtype, f"{type(self).__name__}.copy"))
         if isinstance(self, Sequential):
-            new._flat[...] = self._flat
+            cast(Sequential, new)._flat[...] = self._flat
         else:
             for p, q in zip(self.parameters(), new.parameters()):
                 q.data = p.data
@@ -274,7 +284,7 @@ class Layer:
             p._set_dtype(dtype)
 
     # -- the public pass ---------------------------------------------------
-    def _check_x(self, x, where: str) -> np.ndarray:
+    def _check_x(self, x: ArrayLike, where: str) -> np.ndarray:
         x = np.asarray(x)
         if x.dtype.kind not in "fiub":
             raise TypeError(f"{where}: x must hold numbers; got dtype {x.dtype}")
@@ -288,7 +298,7 @@ class Layer:
             )
         return np.ascontiguousarray(x, dtype=self._dtype)
 
-    def forward(self, x) -> np.ndarray:
+    def forward(self, x: ArrayLike) -> np.ndarray:
         """Compute ``y`` for a batch and keep what :meth:`backward` needs.
 
         Parameters
@@ -305,14 +315,14 @@ class Layer:
         x = self._check_x(x, name)
         if x.shape[0] == 0:
             self._out_shape = None
-            return np.empty((0, self.output_dim(x.shape[1])), dtype=self._dtype)
+            return np.empty((0, cast(int, self.output_dim(x.shape[1]))), dtype=self._dtype)
         y = self._forward(x)
         self._out_shape = y.shape
         return y.copy()
 
     __call__ = forward
 
-    def backward(self, gy) -> np.ndarray:
+    def backward(self, gy: ArrayLike) -> np.ndarray:
         """Back-propagate ``gy = dL/dy`` through the last :meth:`forward`.
 
         Adds ``dL/dp`` into every parameter's ``grad`` and returns ``dL/dx``.
@@ -336,9 +346,9 @@ class Layer:
                 f"{name}: gy.shape is {gy.shape}; expected {self._out_shape}, the shape of the last output"
             )
         gy = np.ascontiguousarray(gy, dtype=self._dtype)
-        return self._backward(gy, True, True).copy()
+        return cast(np.ndarray, self._backward(gy, True, True)).copy()
 
-    def jacobian(self, x, *, layout: str = "numerator") -> np.ndarray:
+    def jacobian(self, x: ArrayLike, *, layout: str = "numerator") -> np.ndarray:
         """The local Jacobian of this layer at ``x``, built from its VJPs.
 
         ``layout="numerator"`` (default) gives ``J[i, j] = dy_i / dx_j`` of
@@ -353,10 +363,11 @@ class Layer:
 
         return jacobian(self, x, layout=layout)
 
-    def _forward(self, x):  # pragma: no cover - abstract
+    def _forward(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _backward(self, gy, need_gx=True, need_param_grad=True):  # pragma: no cover
+    def _backward(self, gy: np.ndarray, need_gx: bool = True,
+                  need_param_grad: bool = True) -> np.ndarray | None:  # pragma: no cover
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -398,7 +409,8 @@ class Dense(Layer):
     bias : Parameter of shape (d_out,), or None
     """
 
-    def __init__(self, d_in, d_out, bias: bool = True, init: str = "auto", *, seed=None, dtype=None):
+    def __init__(self, d_in: int, d_out: int, bias: bool = True, init: str = "auto", *,
+                 seed: Seed = None, dtype: DTypeLike | None = None) -> None:
         super().__init__(dtype=dtype)
         self._d_in = _positive_int(d_in, "Dense", "d_in")
         self.d_out = _positive_int(d_out, "Dense", "d_out")
@@ -408,20 +420,20 @@ class Dense(Layer):
         self.seed = seed
         self.weight = Parameter(np.zeros((self._d_in, self.d_out), dtype=self._dtype), "weight")
         self.bias = Parameter(np.zeros(self.d_out, dtype=self._dtype), "bias") if bias else None
-        self._x = None
+        self._x: Any = None  # the last forward's input, for the backward
         self.reset_parameters(_rng(seed, "Dense"))
 
     @property
     def d_in(self) -> int:
         return self._d_in
 
-    def output_dim(self, d_in):
+    def output_dim(self, d_in: int | None) -> int:
         return self.d_out
 
-    def parameters(self) -> list:
+    def parameters(self) -> list[Parameter]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
-    def reset_parameters(self, rng=None, init: str | None = None) -> None:
+    def reset_parameters(self, rng: Seed = None, init: str | None = None) -> None:
         """Re-draw the weights (bias to zero).
 
         Parameters
@@ -450,11 +462,12 @@ class Dense(Layer):
         if self.bias is not None:
             self.bias.data.fill(0)
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {"type": "Dense", "d_in": self._d_in, "d_out": self.d_out,
                 "bias": self.bias is not None, "init": self.init}
 
-    def _forward(self, x, activation: str = "identity", negative_slope: float = 0.01):
+    def _forward(self, x: np.ndarray, activation: _Act = "identity",
+                 negative_slope: float = 0.01) -> np.ndarray:
         """``y = act(x @ W + b)`` in one native call; ``act`` is fused by Sequential."""
         y = self._buffers.get("y", (x.shape[0], self.d_out), self._dtype)
         b = None if self.bias is None else self.bias.data
@@ -463,7 +476,8 @@ class Dense(Layer):
         self._x = x
         return y
 
-    def _backward(self, gz, need_gx=True, need_param_grad=True):
+    def _backward(self, gz: np.ndarray, need_gx: bool = True,
+                  need_param_grad: bool = True) -> np.ndarray | None:
         """``gx = gz @ W^T``; adds ``x^T @ gz`` into W.grad and ``sum_n gz`` into b.grad."""
         x, w = self._x, self.weight.data
         gx = self._buffers.get("gx", x.shape, self._dtype) if need_gx else None
@@ -472,10 +486,10 @@ class Dense(Layer):
                 kernels.dense_vjp(x, w, gz, gx=gx, need_gw=False, need_gb=False)
             return gx
         if need_gx:
-            gx.fill(0)  # accumulate=True adds into every output, gx included
+            cast(np.ndarray, gx).fill(0)  # accumulate=True adds into every output, gx included
         has_b = self.bias is not None
         kernels.dense_vjp(x, w, gz, gx=gx, gw=self.weight.grad,
-                          gb=self.bias.grad if has_b else None,
+                          gb=cast(Parameter, self.bias).grad if has_b else None,
                           need_gx=need_gx, need_gw=True, need_gb=has_b, accumulate=True)
         return gx
 
@@ -487,21 +501,22 @@ class Dense(Layer):
 class _ActivationLayer(Layer):
     """An activation from :mod:`chainrule.activations`, as a layer."""
 
-    activation = "identity"
+    activation: _Act = "identity"
     negative_slope = 0.01
 
-    def __init__(self, *, dtype=None):
+    def __init__(self, *, dtype: DTypeLike | None = None) -> None:
         super().__init__(dtype=dtype)
         self._fn = _act.get(self.activation)
-        self._y = None
+        self._y: Any = None  # the last forward's output, for the VJP
 
-    def _forward(self, x):
+    def _forward(self, x: np.ndarray) -> np.ndarray:
         y = self._buffers.get("y", x.shape, self._dtype)
         self._fn.forward(x, negative_slope=self.negative_slope, out=y)
         self._y = y
         return y
 
-    def _backward(self, gy, need_gx=True, need_param_grad=True):
+    def _backward(self, gy: np.ndarray, need_gx: bool = True,
+                  need_param_grad: bool = True) -> np.ndarray | None:
         if not need_gx:
             return None
         gx = self._buffers.get("gx", gy.shape, self._dtype)
@@ -539,13 +554,14 @@ class LeakyReLU(_ActivationLayer):
 
     activation = "leaky_relu"
 
-    def __init__(self, negative_slope: float = 0.01, *, dtype=None):
-        if not isinstance(negative_slope, numbers.Real) or not np.isfinite(negative_slope) or negative_slope < 0:
+    def __init__(self, negative_slope: float = 0.01, *, dtype: DTypeLike | None = None) -> None:
+        # cast: mypy deems float and numbers.Real disjoint and the rest unreachable
+        if not isinstance(cast(object, negative_slope), numbers.Real) or not np.isfinite(negative_slope) or negative_slope < 0:
             raise ValueError(f"LeakyReLU: negative_slope must be a finite number >= 0; got {negative_slope!r}")
         self.negative_slope = float(negative_slope)
         super().__init__(dtype=dtype)
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {"type": "LeakyReLU", "negative_slope": self.negative_slope}
 
     def __repr__(self) -> str:
@@ -574,11 +590,12 @@ class Identity(_ActivationLayer):
 
     activation = "identity"
 
-    def _forward(self, x):
+    def _forward(self, x: np.ndarray) -> np.ndarray:
         self._y = x
         return x
 
-    def _backward(self, gy, need_gx=True, need_param_grad=True):
+    def _backward(self, gy: np.ndarray, need_gx: bool = True,
+                  need_param_grad: bool = True) -> np.ndarray | None:
         return gy if need_gx else None
 
 
@@ -618,12 +635,12 @@ class Sequential(Layer):
     [(2, 8), (8,), (8, 1), (1,)]
     """
 
-    def __init__(self, *layers, dtype=None, seed=None):
+    def __init__(self, *layers: Layer, dtype: DTypeLike | None = None, seed: Seed = None) -> None:
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         if not layers:
             raise ValueError("Sequential: needs at least one layer; got none")
-        seen = {}
+        seen: dict[int, int] = {}
         for i, layer in enumerate(layers):
             if isinstance(layer, Sequential) or not isinstance(layer, Layer):
                 what = "a nested Sequential (pass its layers instead)" if isinstance(layer, Sequential) \
@@ -642,7 +659,7 @@ class Sequential(Layer):
         super().__init__(dtype=dtype)
         self.layers = list(layers)
         self.seed = seed
-        d = None
+        d: int | None = None
         for i, layer in enumerate(self.layers):
             if layer.d_in is not None and d is not None and layer.d_in != d:
                 raise ValueError(
@@ -655,7 +672,7 @@ class Sequential(Layer):
         self._init_weights(seed)
         self._build()
 
-    def _init_weights(self, seed) -> None:
+    def _init_weights(self, seed: Seed) -> None:
         rng = None if seed is None else _rng(seed, "Sequential")
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, Dense):
@@ -683,7 +700,8 @@ class Sequential(Layer):
                       self._flat_grad[offset:end].reshape(p.shape), store)
             offset = end
         # Fusion plan: (layer, activation fused into it or None).
-        plan, i = [], 0
+        plan: list[tuple[Layer, _ActivationLayer | None]] = []
+        i = 0
         while i < len(self.layers):
             layer = self.layers[i]
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
@@ -703,22 +721,22 @@ class Sequential(Layer):
     def __len__(self) -> int:
         return len(self.layers)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Layer:
         return self.layers[i]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)
 
     @property
-    def d_in(self):
+    def d_in(self) -> int | None:
         return next((l.d_in for l in self.layers if l.d_in is not None), None)
 
     @property
-    def d_out(self):
+    def d_out(self) -> int | None:
         """Output features (None when the model has no Dense layer)."""
         return self.output_dim(self.d_in)
 
-    def output_dim(self, d_in):
+    def output_dim(self, d_in: int | None) -> int | None:
         for layer in self.layers:
             d_in = layer.output_dim(d_in)
         return d_in
@@ -733,11 +751,11 @@ class Sequential(Layer):
         """All parameter gradients as one contiguous 1-D array (a view)."""
         return self._flat_grad
 
-    def parameters(self) -> list:
+    def parameters(self) -> list[Parameter]:
         """``[W1, b1, W2, b2, ...]`` in layer order."""
         return [p for layer in self.layers for p in layer.parameters()]
 
-    def named_parameters(self) -> list:
+    def named_parameters(self) -> list[tuple[str, Parameter]]:
         """``[("0.weight", W1), ("0.bias", b1), ("2.weight", W2), ...]``."""
         return [(f"{i}.{p.name}", p) for i, layer in enumerate(self.layers) for p in layer.parameters()]
 
@@ -745,7 +763,7 @@ class Sequential(Layer):
         """Clear all gradients (one fill of the flat gradient buffer)."""
         self._flat_grad.fill(0)
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {"type": "Sequential", "dtype": self._dtype.name,
                 "layers": [l.config() for l in self.layers]}
 
@@ -785,16 +803,17 @@ class Sequential(Layer):
         return f"Sequential({inner})"
 
     # -- passes --------------------------------------------------------------
-    def _forward(self, x):
+    def _forward(self, x: np.ndarray) -> np.ndarray:
         for layer, act in self._plan:
             if act is None:
                 x = layer._forward(x)
             else:
-                x = layer._forward(x, act.activation, act.negative_slope)
+                x = cast(Dense, layer)._forward(x, act.activation, act.negative_slope)
                 act._y = x
         return x
 
-    def _backward(self, gy, need_gx=True, need_param_grad=True):
+    def _backward(self, gy: np.ndarray, need_gx: bool = True,
+                  need_param_grad: bool = True) -> np.ndarray | None:
         """Reverse pass. ``need_gx=False`` (the training path) skips the layers
         below the first trainable one and that layer's ``gx`` GEMM."""
         first = 0 if need_gx else self._first_trainable
@@ -802,16 +821,16 @@ class Sequential(Layer):
         for layer in self._reversed:
             if i < first:
                 break
-            gy = layer._backward(gy, need_gx or i > first, need_param_grad)
+            gy = cast(np.ndarray, layer._backward(gy, need_gx or i > first, need_param_grad))
             i -= 1
         return gy if need_gx else None
 
 
 #: Layer classes by name, for :func:`layer_from_config` and :mod:`chainrule.io`.
-LAYER_TYPES = {c.__name__: c for c in (Dense, Sigmoid, Tanh, ReLU, LeakyReLU, Softmax, LogSoftmax, Identity)}
+LAYER_TYPES: dict[str, type[Layer]] = {c.__name__: c for c in (Dense, Sigmoid, Tanh, ReLU, LeakyReLU, Softmax, LogSoftmax, Identity)}
 
 
-def layer_from_config(config) -> Layer:
+def layer_from_config(config: Any) -> Layer:
     """Rebuild a layer (weights zero) from :meth:`Layer.config`.
 
     Raises

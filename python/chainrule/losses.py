@@ -21,7 +21,10 @@ shape; :meth:`Loss.backward` returns a copy the caller owns.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import kernels
 from .layers import _Buffers
@@ -29,7 +32,7 @@ from .layers import _Buffers
 __all__ = ["Loss", "BinaryCrossEntropy", "CrossEntropy", "MSE", "get"]
 
 
-def _as_float_array(a, dtype, where: str, what: str) -> np.ndarray:
+def _as_float_array(a: ArrayLike, dtype: DTypeLike, where: str, what: str) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind not in "fiub":
         raise TypeError(f"{where}: {what} must hold numbers; got dtype {a.dtype}")
@@ -46,15 +49,16 @@ class Loss:
         it as each subclass states.
     """
 
-    def __init__(self, reduction: str = "mean"):
+    def __init__(self, reduction: Literal["mean", "sum"] = "mean") -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{type(self).__name__}: reduction must be 'mean' or 'sum'; got {reduction!r}")
         self.reduction = reduction
         self._buffers = _Buffers(capacity=16)
-        self._grad = None
+        self._grad: np.ndarray | None = None
 
     # -- public ---------------------------------------------------------------
-    def forward(self, pred, target, sample_weight=None) -> float:
+    def forward(self, pred: ArrayLike, target: ArrayLike,
+                sample_weight: ArrayLike | None = None) -> float:
         """The loss of a batch; keeps ``dL/dpred`` for :meth:`backward`.
 
         Parameters
@@ -93,7 +97,7 @@ class Loss:
             raise RuntimeError(f"{type(self).__name__}.backward: call forward(pred, target) first")
         return self._grad.copy()
 
-    def prepare_target(self, target, pred, where: str) -> np.ndarray:
+    def prepare_target(self, target: ArrayLike, pred: np.ndarray, where: str) -> np.ndarray:
         """Validate ``target`` against ``pred`` and convert it once.
 
         :func:`chainrule.fit` calls this on the whole data set before training,
@@ -102,11 +106,11 @@ class Loss:
         """
         raise NotImplementedError
 
-    def proba(self, out: np.ndarray):
+    def proba(self, out: np.ndarray) -> np.ndarray | None:
         """Class probabilities from the model output, or None for regression."""
         return None
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {"type": type(self).__name__, "reduction": self.reduction}
 
     def __repr__(self) -> str:
@@ -116,10 +120,11 @@ class Loss:
     def _grad_buffer(self, pred: np.ndarray) -> np.ndarray:
         return self._buffers.get("grad", pred.shape, pred.dtype)
 
-    def _forward(self, pred, target, need_grad=True, sample_weight=None) -> float:
+    def _forward(self, pred: np.ndarray, target: np.ndarray, need_grad: bool = True,
+                 sample_weight: np.ndarray | None = None) -> float:
         raise NotImplementedError
 
-    def _check_rows(self, target, pred, where):
+    def _check_rows(self, target: np.ndarray, pred: np.ndarray, where: str) -> None:
         if target.ndim == 0 or target.shape[0] != pred.shape[0]:
             raise ValueError(
                 f"{where}: target has {target.shape[0] if target.ndim else 'no'} samples but pred has "
@@ -152,13 +157,14 @@ class BinaryCrossEntropy(Loss):
     (n, 1) are interchangeable.
     """
 
-    def __init__(self, from_logits: bool = True, reduction: str = "mean"):
+    def __init__(self, from_logits: bool = True,
+                 reduction: Literal["mean", "sum"] = "mean") -> None:
         super().__init__(reduction)
         if not isinstance(from_logits, bool):
             raise TypeError(f"BinaryCrossEntropy: from_logits must be a bool; got {from_logits!r}")
         self.from_logits = from_logits
 
-    def prepare_target(self, target, pred, where):
+    def prepare_target(self, target: ArrayLike, pred: np.ndarray, where: str) -> np.ndarray:
         t = _as_float_array(target, pred.dtype, where, "target")
         self._check_rows(t, pred, where)
         if t.shape != pred.shape:
@@ -172,7 +178,8 @@ class BinaryCrossEntropy(Loss):
             )
         return t
 
-    def _forward(self, pred, target, need_grad=True, sample_weight=None):
+    def _forward(self, pred: np.ndarray, target: np.ndarray, need_grad: bool = True,
+                 sample_weight: np.ndarray | None = None) -> float:
         grad = self._grad_buffer(pred) if need_grad else None
         if self.from_logits:
             loss, _ = kernels.binary_cross_entropy(
@@ -183,7 +190,8 @@ class BinaryCrossEntropy(Loss):
         self._grad = grad
         return float(loss)
 
-    def _forward_proba(self, f, y, grad, w):
+    def _forward_proba(self, f: np.ndarray, y: np.ndarray, grad: np.ndarray | None,
+                       w: np.ndarray | None) -> float:
         eps = np.finfo(f.dtype).eps
         fc = self._buffers.get("clip", f.shape, f.dtype)
         np.clip(f, eps, 1 - eps, out=fc)
@@ -203,15 +211,15 @@ class BinaryCrossEntropy(Loss):
             grad[...] = g
         return float(terms.sum()) * scale
 
-    def proba(self, out):
+    def proba(self, out: np.ndarray) -> np.ndarray:
         p = kernels.sigmoid_forward(out) if self.from_logits else np.asarray(out)
         p = p.reshape(len(p), -1)
         return np.hstack([1 - p, p]) if p.shape[1] == 1 else p
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         return {**super().config(), "from_logits": self.from_logits}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"BinaryCrossEntropy(from_logits={self.from_logits}, reduction={self.reduction!r})"
 
 
@@ -231,7 +239,7 @@ class CrossEntropy(Loss):
     ``"mean"`` divides by ``n`` (or by ``sum(sample_weight)``).
     """
 
-    def prepare_target(self, target, pred, where):
+    def prepare_target(self, target: ArrayLike, pred: np.ndarray, where: str) -> np.ndarray:
         if pred.ndim != 2:
             raise ValueError(f"{where}: pred must be 2-D logits of shape (n, k); got shape {pred.shape}")
         t = np.asarray(target)
@@ -259,7 +267,8 @@ class CrossEntropy(Loss):
             raise ValueError(f"{where}: probability targets must be finite and >= 0")
         return t
 
-    def _forward(self, pred, target, need_grad=True, sample_weight=None):
+    def _forward(self, pred: np.ndarray, target: np.ndarray, need_grad: bool = True,
+                 sample_weight: np.ndarray | None = None) -> float:
         grad = self._grad_buffer(pred) if need_grad else None
         fn = kernels.softmax_cross_entropy if target.ndim == 1 else kernels.soft_cross_entropy
         loss, _ = fn(pred, target, sample_weight=sample_weight, reduction=self.reduction,
@@ -267,7 +276,7 @@ class CrossEntropy(Loss):
         self._grad = grad
         return float(loss)
 
-    def proba(self, out):
+    def proba(self, out: np.ndarray) -> np.ndarray:
         return kernels.softmax_forward(np.ascontiguousarray(out))
 
 
@@ -285,7 +294,7 @@ class MSE(Loss):
     interchangeable).
     """
 
-    def prepare_target(self, target, pred, where):
+    def prepare_target(self, target: ArrayLike, pred: np.ndarray, where: str) -> np.ndarray:
         t = _as_float_array(target, pred.dtype, where, "target")
         self._check_rows(t, pred, where)
         if t.shape != pred.shape:
@@ -296,7 +305,8 @@ class MSE(Loss):
             raise ValueError(f"{where}: target contains NaN or inf")
         return t
 
-    def _forward(self, pred, target, need_grad=True, sample_weight=None):
+    def _forward(self, pred: np.ndarray, target: np.ndarray, need_grad: bool = True,
+                 sample_weight: np.ndarray | None = None) -> float:
         diff = self._buffers.get("diff", pred.shape, pred.dtype)
         np.subtract(pred, target, out=diff)
         if sample_weight is None:
@@ -317,13 +327,13 @@ class MSE(Loss):
         return total * scale
 
 
-_BY_NAME = {
+_BY_NAME: dict[str, type[Loss]] = {
     "binary_cross_entropy": BinaryCrossEntropy, "bce": BinaryCrossEntropy,
     "cross_entropy": CrossEntropy, "mse": MSE,
 }
 
 
-def get(loss) -> Loss:
+def get(loss: Loss | str) -> Loss:
     """A loss from an instance or a name (``"binary_cross_entropy"``/``"bce"``,
     ``"cross_entropy"``, ``"mse"``)."""
     if isinstance(loss, Loss):

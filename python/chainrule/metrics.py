@@ -6,12 +6,15 @@ not for the training step.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["accuracy", "log_loss", "mean_squared_error", "mse", "METRICS"]
 
 
-def _pair(y_true, y_pred, where):
+def _pair(y_true: ArrayLike, y_pred: ArrayLike, where: str) -> tuple[np.ndarray, np.ndarray]:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if len(y_true) != len(y_pred):
         raise ValueError(f"{where}: y_true has {len(y_true)} samples but y_pred has {len(y_pred)}")
@@ -20,7 +23,7 @@ def _pair(y_true, y_pred, where):
     return y_true, y_pred
 
 
-def accuracy(y_true, y_pred) -> float:
+def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Fraction of samples with ``y_pred == y_true``.
 
     Parameters
@@ -32,7 +35,7 @@ def accuracy(y_true, y_pred) -> float:
     return float(np.mean(y_true.reshape(len(y_true), -1)[:, 0] == y_pred.reshape(len(y_pred), -1)[:, 0]))
 
 
-def log_loss(y_true, proba, eps: float = 1e-15) -> float:
+def log_loss(y_true: ArrayLike, proba: ArrayLike, eps: float = 1e-15) -> float:
     """Mean negative log-likelihood ``-mean_i log p_i[y_i]``.
 
     Parameters
@@ -54,7 +57,7 @@ def log_loss(y_true, proba, eps: float = 1e-15) -> float:
     return float(-np.mean(np.log(picked)))
 
 
-def mean_squared_error(y_true, y_pred) -> float:
+def mean_squared_error(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """``mean((y_pred - y_true)**2)`` over all elements ((n,) and (n, 1) match)."""
     y_true, y_pred = _pair(y_true, y_pred, "mean_squared_error")
     a = y_true.astype(np.float64).reshape(len(y_true), -1)
@@ -67,4 +70,4 @@ def mean_squared_error(y_true, y_pred) -> float:
 mse = mean_squared_error
 
 #: Names accepted by ``fit(..., metrics=[...])``.
-METRICS = {"accuracy": accuracy, "log_loss": log_loss, "mse": mean_squared_error}
+METRICS: dict[str, Callable[[ArrayLike, ArrayLike], float]] = {"accuracy": accuracy, "log_loss": log_loss, "mse": mean_squared_error}

@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING, Any, Iterable, cast
 
 import numpy as np
 
 from . import kernels
+
+if TYPE_CHECKING:
+    from .layers import Layer, Parameter, _FlatStore
 
 __all__ = [
     "Optimizer", "SGD", "Adam",
@@ -41,7 +45,8 @@ __all__ = [
 ]
 
 
-def _real(value, where, name, *, low=None, high=None, low_open=False, high_open=True) -> float:
+def _real(value: Any, where: str, name: str, *, low: float | None = None, high: float | None = None,
+          low_open: bool = False, high_open: bool = True) -> float:
     """A finite real in [low, high) (or the open/closed variant asked for)."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
@@ -70,7 +75,7 @@ class Schedule:
     def lr(self, lr0: float, epoch: int) -> float:
         raise NotImplementedError
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {"type": type(self).__name__, **vars(self)}
 
     def __repr__(self) -> str:
@@ -81,7 +86,7 @@ class Schedule:
 class ConstantLR(Schedule):
     """``lr = lr0`` every epoch."""
 
-    def lr(self, lr0, epoch):
+    def lr(self, lr0: float, epoch: int) -> float:
         return lr0
 
 
@@ -94,34 +99,35 @@ class StepLR(Schedule):
     gamma : float in (0, 1], default 0.1
     """
 
-    def __init__(self, step_size: int, gamma: float = 0.1):
-        if not isinstance(step_size, numbers.Integral) or isinstance(step_size, bool) or step_size <= 0:
+    def __init__(self, step_size: int, gamma: float = 0.1) -> None:
+        # cast: mypy deems int and numbers.Integral disjoint and the rest unreachable
+        if not isinstance(cast(object, step_size), numbers.Integral) or isinstance(step_size, bool) or step_size <= 0:
             raise ValueError(f"StepLR: step_size must be a positive integer; got {step_size!r}")
         self.step_size = int(step_size)
         self.gamma = _real(gamma, "StepLR", "gamma", low=0, high=1, low_open=True, high_open=False)
 
-    def lr(self, lr0, epoch):
+    def lr(self, lr0: float, epoch: int) -> float:
         return lr0 * self.gamma ** (epoch // self.step_size)
 
 
 class ExponentialLR(Schedule):
     """``lr = lr0 * gamma ** epoch`` (PyTorch's ExponentialLR); gamma in (0, 1]."""
 
-    def __init__(self, gamma: float):
+    def __init__(self, gamma: float) -> None:
         self.gamma = _real(gamma, "ExponentialLR", "gamma", low=0, high=1, low_open=True, high_open=False)
 
-    def lr(self, lr0, epoch):
+    def lr(self, lr0: float, epoch: int) -> float:
         return lr0 * self.gamma ** epoch
 
 
 class InverseScalingLR(Schedule):
     """``lr = lr0 / (epoch + 1) ** power_t``; power_t >= 0, default 0.5."""
 
-    def __init__(self, power_t: float = 0.5):
+    def __init__(self, power_t: float = 0.5) -> None:
         self.power_t = _real(power_t, "InverseScalingLR", "power_t", low=0)
 
-    def lr(self, lr0, epoch):
-        return lr0 / (epoch + 1) ** self.power_t
+    def lr(self, lr0: float, epoch: int) -> float:
+        return cast(float, lr0 / (epoch + 1) ** self.power_t)
 
 
 class CosineLR(Schedule):
@@ -131,21 +137,21 @@ class CosineLR(Schedule):
     (PyTorch's CosineAnnealingLR closed form, without restarts).
     """
 
-    def __init__(self, T_max: int, eta_min: float = 0.0):
-        if not isinstance(T_max, numbers.Integral) or isinstance(T_max, bool) or T_max <= 0:
+    def __init__(self, T_max: int, eta_min: float = 0.0) -> None:
+        if not isinstance(cast(object, T_max), numbers.Integral) or isinstance(T_max, bool) or T_max <= 0:
             raise ValueError(f"CosineLR: T_max must be a positive integer; got {T_max!r}")
         self.T_max = int(T_max)
         self.eta_min = _real(eta_min, "CosineLR", "eta_min", low=0)
 
-    def lr(self, lr0, epoch):
+    def lr(self, lr0: float, epoch: int) -> float:
         e = min(epoch, self.T_max)
         return self.eta_min + (lr0 - self.eta_min) * (1 + math.cos(math.pi * e / self.T_max)) / 2
 
 
-_SCHEDULES = {c.__name__: c for c in (ConstantLR, StepLR, ExponentialLR, InverseScalingLR, CosineLR)}
+_SCHEDULES: dict[str, type[Schedule]] = {c.__name__: c for c in (ConstantLR, StepLR, ExponentialLR, InverseScalingLR, CosineLR)}
 
 
-def _schedule_from_config(cfg) -> Schedule:
+def _schedule_from_config(cfg: Any) -> Schedule:
     if not isinstance(cfg, dict) or cfg.get("type") not in _SCHEDULES:
         raise ValueError(f"load_state_dict: unknown schedule {cfg!r:.100}")
     args = {k: v for k, v in cfg.items() if k != "type"}
@@ -172,13 +178,13 @@ class Optimizer:
         Steps taken so far.
     """
 
-    _state_names: tuple = ()
+    _state_names: tuple[str, ...] = ()
 
-    def __init__(self, params, lr, schedule):
+    def __init__(self, params: Iterable[Parameter] | Layer, lr: float, schedule: Schedule | None) -> None:
         name = type(self).__name__
         if hasattr(params, "parameters") and callable(params.parameters):
             params = params.parameters()
-        params = list(params)
+        params = list(cast("Iterable[Parameter]", params))
         from .layers import Parameter
 
         if not params:
@@ -206,7 +212,7 @@ class Optimizer:
         total = sum(p.size for p in params)
         # State lives in flat buffers too; per-parameter views serve the fallback path.
         self._state = {k: np.zeros(total, dtype=dtype) for k in self._state_names}
-        self._views = []
+        self._views: list[dict[str, np.ndarray]] = []
         offset = 0
         for p in params:
             self._views.append({k: v[offset:offset + p.size].reshape(p.shape) for k, v in self._state.items()})
@@ -226,7 +232,7 @@ class Optimizer:
             for p in self.params:
                 p.grad.fill(0)
 
-    def _flat_store(self):
+    def _flat_store(self) -> _FlatStore | None:
         store = self.params[0]._owner
         if store is not None and store.params == self._params_tuple:
             return store
@@ -242,14 +248,15 @@ class Optimizer:
                 self._update(p.data, p.grad, state)
         self.steps += 1
 
-    def _update(self, p, g, state) -> None:  # pragma: no cover - abstract
+    def _update(self, p: np.ndarray, g: np.ndarray,
+                state: dict[str, np.ndarray]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def hyperparameters(self) -> dict:
+    def hyperparameters(self) -> dict[str, Any]:
         raise NotImplementedError
 
     # -- state ---------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: hyper-parameters, counters and buffers.
 
         Returns
@@ -259,7 +266,7 @@ class Optimizer:
             where ``state`` maps ``"<buffer>.<i>"`` to a copy of parameter
             ``i``'s buffer, shaped like the parameter.
         """
-        state = {}
+        state: dict[str, np.ndarray] = {}
         for i, (p, views) in enumerate(zip(self.params, self._views)):
             for k, v in views.items():
                 state[f"{k}.{i}"] = v.copy()
@@ -267,7 +274,7 @@ class Optimizer:
                 "schedule": self.schedule.config(), "steps": self.steps, "epoch": self.epoch,
                 "lr": self.lr, "state": state}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (validated; ValueError on mismatch)."""
         name = f"{type(self).__name__}.load_state_dict"
         if not isinstance(sd, dict) or sd.get("type") != type(self).__name__:
@@ -333,7 +340,9 @@ class SGD(Optimizer):
         Learning-rate schedule over epochs (default constant).
     """
 
-    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, dampening=0.0, *, schedule=None):
+    def __init__(self, params: Iterable[Parameter] | Layer, lr: float, momentum: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0, dampening: float = 0.0, *,
+                 schedule: Schedule | None = None) -> None:
         self.momentum = _real(momentum, "SGD", "momentum", low=0, high=1)
         self.dampening = _real(dampening, "SGD", "dampening", low=0, high=1, high_open=False)
         self.weight_decay = _real(weight_decay, "SGD", "weight_decay", low=0)
@@ -347,16 +356,16 @@ class SGD(Optimizer):
         self._state_names = ("momentum_buffer",) if self.momentum else ()
         super().__init__(params, lr, schedule)
 
-    def _update(self, p, g, state):
+    def _update(self, p: np.ndarray, g: np.ndarray, state: dict[str, np.ndarray]) -> None:
         kernels.sgd_step(p, g, state.get("momentum_buffer"), lr=self.lr, momentum=self.momentum,
                          dampening=self.dampening, weight_decay=self.weight_decay,
                          nesterov=self.nesterov, first_step=self.steps == 0)
 
-    def hyperparameters(self):
+    def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.base_lr, "momentum": self.momentum, "nesterov": self.nesterov,
                 "weight_decay": self.weight_decay, "dampening": self.dampening}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"SGD(lr={self.base_lr}, momentum={self.momentum}, nesterov={self.nesterov}, "
                 f"weight_decay={self.weight_decay})")
 
@@ -388,8 +397,10 @@ class Adam(Optimizer):
 
     _state_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False,
-                 *, schedule=None):
+    def __init__(self, params: Iterable[Parameter] | Layer, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decoupled: bool = False, *,
+                 schedule: Schedule | None = None) -> None:
         try:
             beta1, beta2 = betas
         except (TypeError, ValueError):
@@ -403,18 +414,18 @@ class Adam(Optimizer):
         self.decoupled = decoupled
         super().__init__(params, lr, schedule)
 
-    def _update(self, p, g, state):
+    def _update(self, p: np.ndarray, g: np.ndarray, state: dict[str, np.ndarray]) -> None:
         kernels.adam_step(p, g, state["exp_avg"], state["exp_avg_sq"], step=self.steps + 1, lr=self.lr,
                           beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                           weight_decay=self.weight_decay, decoupled=self.decoupled)
 
-    def hyperparameters(self):
+    def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.base_lr, "betas": [self.beta1, self.beta2], "eps": self.eps,
                 "weight_decay": self.weight_decay, "decoupled": self.decoupled}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"Adam(lr={self.base_lr}, betas=({self.beta1}, {self.beta2}), eps={self.eps}, "
                 f"weight_decay={self.weight_decay}, decoupled={self.decoupled})")
 
 
-OPTIMIZERS = {"SGD": SGD, "Adam": Adam}
+OPTIMIZERS: dict[str, type[Optimizer]] = {"SGD": SGD, "Adam": Adam}

@@ -11,13 +11,17 @@ per-layer path, which stays the one to read and to step through by hand.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import numpy as np
 
 from . import _core
 from . import losses as _losses
 from .layers import Dense, Identity, LeakyReLU, ReLU, Sequential, Sigmoid, Tanh
 
-_ELEMENTWISE = {Identity: "identity", Sigmoid: "sigmoid", Tanh: "tanh", ReLU: "relu",
+_PlanLoss = Literal["softmax_cross_entropy", "binary_cross_entropy", "squared_error"]
+
+_ELEMENTWISE: dict[type, str] = {Identity: "identity", Sigmoid: "sigmoid", Tanh: "tanh", ReLU: "relu",
                 LeakyReLU: "leaky_relu"}
 
 
@@ -34,11 +38,13 @@ class TrainPlan:
         None: the loss's mean; 1.0 for ``reduction="sum"``.
     """
 
-    def __init__(self, model, plan, loss_name, scale):
+    def __init__(self, model: Sequential, plan: _core.MLPPlan, loss_name: _PlanLoss,
+                 scale: float | None) -> None:
         self.model, self.plan, self.loss_name, self.scale = model, plan, loss_name, scale
         self._params, self._grads = model.flat_data, model.flat_grad
 
-    def step(self, X, t, indices=None, grad_norms=None) -> float:
+    def step(self, X: np.ndarray, t: np.ndarray, indices: np.ndarray | None = None,
+             grad_norms: np.ndarray | None = None) -> float:
         """Write d loss / d params for the batch ``X[indices]`` into the model's grads.
 
         Returns the batch loss. ``indices=None`` takes all of ``X``. Each
@@ -49,7 +55,7 @@ class TrainPlan:
                                     indices=indices, scale=self.scale, grad_norms=grad_norms)
 
 
-def compile_plan(model, loss, target):
+def compile_plan(model: Any, loss: _losses.Loss, target: np.ndarray) -> TrainPlan | None:
     """A :class:`TrainPlan` for ``model`` and ``loss``, or None if they do not fit one.
 
     Fits: a Sequential of ``Dense(bias=True)`` layers, each followed by at
@@ -60,6 +66,7 @@ def compile_plan(model, loss, target):
     """
     if not isinstance(model, Sequential):
         return None
+    name: _PlanLoss
     if isinstance(loss, _losses.CrossEntropy):
         if target.ndim != 1 or target.dtype != np.int64:
             return None  # probability targets take the per-layer path
@@ -73,7 +80,9 @@ def compile_plan(model, loss, target):
     if loss.reduction not in ("mean", "sum"):
         return None
 
-    dims, acts, slopes = [], [], set()
+    dims: list[int] = []
+    acts: list[str] = []
+    slopes: set[float] = set()
     layers = list(model.layers)
     i = 0
     while i < len(layers):

@@ -8,21 +8,27 @@ a cast copy, so the functions can stand in for the kernels).
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+_F64 = NDArray[np.float64]
 
 
-def _f64(a):
+def _f64(a: Any) -> _F64:
     return np.asarray(a, dtype=np.float64)
 
 
-def _put(result, out):
+def _put(result: _F64, out: np.ndarray | None) -> np.ndarray:
     if out is None:
         return result
     out[...] = result
     return out
 
 
-def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None):
+def gemm(a: ArrayLike, b: ArrayLike, *, trans_a: bool = False, trans_b: bool = False,
+         alpha: float = 1.0, beta: float = 0.0, out: np.ndarray | None = None) -> np.ndarray:
     """C = alpha * op(a) @ op(b) + beta * C."""
     a, b = _f64(a), _f64(b)
     op_a = a.T if trans_a else a
@@ -33,7 +39,7 @@ def gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None):
     return _put(c, out)
 
 
-def _act(name, z, negative_slope=0.01):
+def _act(name: str, z: _F64, negative_slope: float = 0.01) -> Any:
     if name in ("identity", "linear"):
         return z
     if name in ("sigmoid", "logistic"):
@@ -57,17 +63,19 @@ def _act(name, z, negative_slope=0.01):
     raise ValueError(f"reference: unknown activation {name!r}")
 
 
-def _act_vjp(name, y, gy, negative_slope=0.01):
+def _act_vjp(name: str, y: _F64, gy: _F64, negative_slope: float = 0.01) -> Any:
     if name in ("identity", "linear"):
         return gy
     if name in ("sigmoid", "logistic"):
         return gy * y * (1.0 - y)
     if name == "tanh":
         return gy * (1.0 - y * y)
+    # Products, as the kernels compute them (not selects), so that a NaN or inf
+    # in gy gives NaN at an inactive unit too (0 * NaN), as in the forward.
     if name == "relu":
-        return np.where(y > 0, gy, 0.0)
+        return gy * (y > 0)
     if name == "leaky_relu":
-        return np.where(y > 0, gy, negative_slope * gy)
+        return gy * np.where(y > 0, 1.0, negative_slope)
     if name == "softmax":
         # J = diag(s) - s s^T, so J^T gy = s * (gy - <gy, s>)
         return y * (gy - (gy * y).sum(axis=-1, keepdims=True))
@@ -77,7 +85,9 @@ def _act_vjp(name, y, gy, negative_slope=0.01):
     raise ValueError(f"reference: unknown activation {name!r}")
 
 
-def dense_forward(x, w, b=None, *, activation="identity", negative_slope=0.01, out=None):
+def dense_forward(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *,
+                  activation: str = "identity", negative_slope: float = 0.01,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """y = act(x @ w + b)."""
     z = _f64(x) @ _f64(w)
     if b is not None:
@@ -85,11 +95,13 @@ def dense_forward(x, w, b=None, *, activation="identity", negative_slope=0.01, o
     return _put(_act(activation, z, negative_slope), out)
 
 
-def dense_vjp(x, w, gz, *, gx=None, gw=None, gb=None, need_gx=True, need_gw=True,
-              need_gb=True, accumulate=False):
+def dense_vjp(x: ArrayLike, w: ArrayLike, gz: ArrayLike, *, gx: np.ndarray | None = None,
+              gw: np.ndarray | None = None, gb: np.ndarray | None = None, need_gx: bool = True,
+              need_gw: bool = True, need_gb: bool = True, accumulate: bool = False
+              ) -> tuple[np.ndarray | None, ...]:
     """(gx, gw, gb) = (gz @ w.T, x.T @ gz, gz.sum(0)), added to the buffers if accumulate."""
     x, w, gz = _f64(x), _f64(w), _f64(gz)
-    results = []
+    results: list[np.ndarray | None] = []
     for need, value, buf in ((need_gx, gz @ w.T, gx), (need_gw, x.T @ gz, gw),
                              (need_gb, gz.sum(axis=0), gb)):
         if not need:
@@ -101,28 +113,32 @@ def dense_vjp(x, w, gz, *, gx=None, gw=None, gb=None, need_gx=True, need_gw=True
     return tuple(results)
 
 
-def activation_forward(name, x, *, negative_slope=0.01, out=None):
+def activation_forward(name: str, x: ArrayLike, *, negative_slope: float = 0.01,
+                       out: np.ndarray | None = None) -> np.ndarray:
     """y = act(x); softmax and log_softmax along the last axis."""
     return _put(_act(name, _f64(x), negative_slope), out)
 
 
-def activation_vjp(name, y, gy, *, negative_slope=0.01, out=None):
+def activation_vjp(name: str, y: ArrayLike, gy: ArrayLike, *, negative_slope: float = 0.01,
+                   out: np.ndarray | None = None) -> np.ndarray:
     """gx = J^T gy, from the forward output y."""
     return _put(_act_vjp(name, _f64(y), _f64(gy), negative_slope), out)
 
 
-def _named(name):
+def _named(name: str) -> tuple[Callable[..., np.ndarray], Callable[..., np.ndarray]]:
     if name == "leaky_relu":
-        def forward(x, *, negative_slope=0.01, out=None):
+        def forward(x: ArrayLike, *, negative_slope: float = 0.01,
+                    out: np.ndarray | None = None) -> np.ndarray:
             return activation_forward(name, x, negative_slope=negative_slope, out=out)
 
-        def vjp(y, gy, *, negative_slope=0.01, out=None):
+        def vjp(y: ArrayLike, gy: ArrayLike, *, negative_slope: float = 0.01,
+                out: np.ndarray | None = None) -> np.ndarray:
             return activation_vjp(name, y, gy, negative_slope=negative_slope, out=out)
     else:
-        def forward(x, *, out=None):
+        def forward(x: ArrayLike, *, out: np.ndarray | None = None) -> np.ndarray:  # type: ignore[misc]
             return activation_forward(name, x, out=out)
 
-        def vjp(y, gy, *, out=None):
+        def vjp(y: ArrayLike, gy: ArrayLike, *, out: np.ndarray | None = None) -> np.ndarray:  # type: ignore[misc]
             return activation_vjp(name, y, gy, out=out)
     forward.__name__, vjp.__name__ = f"{name}_forward", f"{name}_vjp"
     forward.__doc__ = f"Forward of {name}; see activation_forward."
@@ -139,12 +155,14 @@ softmax_forward, softmax_vjp = _named("softmax")
 log_softmax_forward, log_softmax_vjp = _named("log_softmax")
 
 
-def _scale(reduction, total):
+def _scale(reduction: str, total: float) -> float:
     return 1.0 / total if reduction == "mean" else 1.0
 
 
-def softmax_cross_entropy(logits, labels, *, sample_weight=None, reduction="mean", grad=None,
-                          need_grad=True):
+def softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike, *,
+                          sample_weight: ArrayLike | None = None, reduction: str = "mean",
+                          grad: np.ndarray | None = None, need_grad: bool = True
+                          ) -> tuple[float, np.ndarray | None]:
     """Softmax cross-entropy from logits and integer labels: (loss, grad)."""
     z = _f64(logits)
     labels = np.asarray(labels, dtype=np.int64)
@@ -158,8 +176,10 @@ def softmax_cross_entropy(logits, labels, *, sample_weight=None, reduction="mean
     return loss, (_put(g, grad) if need_grad else None)
 
 
-def soft_cross_entropy(logits, targets, *, sample_weight=None, reduction="mean", grad=None,
-                       need_grad=True):
+def soft_cross_entropy(logits: ArrayLike, targets: ArrayLike, *,
+                       sample_weight: ArrayLike | None = None, reduction: str = "mean",
+                       grad: np.ndarray | None = None, need_grad: bool = True
+                       ) -> tuple[float, np.ndarray | None]:
     """Softmax cross-entropy from logits and probability targets: (loss, grad)."""
     z, t = _f64(logits), _f64(targets)
     n = z.shape[0]
@@ -171,8 +191,10 @@ def soft_cross_entropy(logits, targets, *, sample_weight=None, reduction="mean",
     return loss, (_put(g, grad) if need_grad else None)
 
 
-def binary_cross_entropy(logits, targets, *, sample_weight=None, reduction="mean", grad=None,
-                         need_grad=True):
+def binary_cross_entropy(logits: ArrayLike, targets: ArrayLike, *,
+                         sample_weight: ArrayLike | None = None, reduction: str = "mean",
+                         grad: np.ndarray | None = None, need_grad: bool = True
+                         ) -> tuple[float, np.ndarray | None]:
     """Binary cross-entropy from logits: the lecture's NLL on sigma(z), (loss, grad)."""
     z, t = _f64(logits), _f64(targets)
     n = z.shape[0]
@@ -187,8 +209,9 @@ def binary_cross_entropy(logits, targets, *, sample_weight=None, reduction="mean
     return loss, (_put(g, grad) if need_grad else None)
 
 
-def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0.0,
-             weight_decay=0.0, nesterov=False, first_step=False):
+def sgd_step(param: np.ndarray, grad: ArrayLike, momentum_buffer: Any = None, *, lr: float,
+             momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+             nesterov: bool = False, first_step: bool = False) -> None:
     """One torch.optim.SGD step, in place (computed in float64)."""
     p, g = _f64(param), _f64(grad).reshape(np.shape(param))
     g = g + weight_decay * p
@@ -199,8 +222,9 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
     param[...] = p - lr * g
 
 
-def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-              weight_decay=0.0, decoupled=False):
+def adam_step(param: np.ndarray, grad: ArrayLike, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, *,
+              step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+              weight_decay: float = 0.0, decoupled: bool = False) -> None:
     """One torch.optim.Adam (AdamW if decoupled) step, in place (computed in float64)."""
     p, g = _f64(param), _f64(grad).reshape(np.shape(param))
     if decoupled:
@@ -214,7 +238,8 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.
     param[...] = p - (lr / bc1) * m / (np.sqrt(v) / np.sqrt(bc2) + eps)
 
 
-def column_sums(a, *, out=None, accumulate=False):
+def column_sums(a: ArrayLike, *, out: np.ndarray | None = None, accumulate: bool = False
+                ) -> np.ndarray:
     """a.sum(axis=0)."""
     s = _f64(a).sum(axis=0)
     if accumulate:

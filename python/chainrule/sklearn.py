@@ -28,7 +28,7 @@ What runs where
   float64 (as scikit-learn). Sparse input is accepted and densified.
 
 The maths (scikit-learn's definitions, reproduced exactly)
----------------------------------------------------------
+----------------------------------------------------------
 For a batch B with weights w_i (1 without ``sample_weight``) and
 s = sum_B w_i, the loss of one batch is
 
@@ -68,7 +68,7 @@ Extras over scikit-learn
     epoch (the data term of the training loss, without the L2 term), next to
     ``validation_scores_``. None otherwise.
 ``grad_norms_curve_``
-    Stochastic solvers: one ndarray of shape (n_layers_ - 1,) per epoch, for
+    Stochastic solvers: one ndarray of shape ``(n_layers_ - 1,)`` per epoch, for
     each layer the norm ``sqrt(||gW_l||^2 + ||gb_l||^2)`` of the epoch's mean
     mini-batch gradient (L2 term included). It estimates the full-batch
     gradient norm and tends to 0 as training converges, where the norms of
@@ -79,8 +79,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 import scipy.optimize
 import scipy.sparse as sp
 from scipy.special import xlogy
@@ -104,10 +106,16 @@ from sklearn.utils.validation import (
 
 from ._core import MLPPlan, adam_step, sgd_step
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+# X as scikit-learn takes it: array-like or a scipy.sparse matrix (untyped).
+_Data = Any
+
 try:  # scipy < 1.15 still takes iprint; scikit-learn knows which
     from sklearn.utils.fixes import _get_additional_lbfgs_options_dict
 except ImportError:  # pragma: no cover
-    def _get_additional_lbfgs_options_dict(key, value):
+    def _get_additional_lbfgs_options_dict(key: str, value: Any) -> dict[str, Any]:
         return {}
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -128,8 +136,8 @@ class _SGD:
     Keeps ``velocity = -learning_rate * buffer`` (see the module docstring).
     """
 
-    def __init__(self, n_params, dtype, learning_rate_init, lr_schedule, momentum, nesterov,
-                 power_t):
+    def __init__(self, n_params: int, dtype: np.dtype, learning_rate_init: float, lr_schedule: str,
+                 momentum: float, nesterov: bool, power_t: float) -> None:
         self.learning_rate_init = learning_rate_init
         self.learning_rate = float(learning_rate_init)
         self.lr_schedule = lr_schedule
@@ -138,21 +146,21 @@ class _SGD:
         self.power_t = power_t
         self.buffer = np.zeros(n_params, dtype=dtype)
 
-    def step(self, params, grads):
+    def step(self, params: np.ndarray, grads: np.ndarray) -> None:
         sgd_step(params, grads, self.buffer, lr=self.learning_rate, momentum=self.momentum,
                  nesterov=self.nesterov)
 
-    def _set_learning_rate(self, lr):
+    def _set_learning_rate(self, lr: float) -> None:
         if self.momentum > 0 and lr != self.learning_rate:
             self.buffer *= self.buffer.dtype.type(self.learning_rate / lr)
         self.learning_rate = lr
 
-    def iteration_ends(self, time_step):
+    def iteration_ends(self, time_step: int) -> None:
         if self.lr_schedule == "invscaling":
             lr = float(self.learning_rate_init) / (time_step + 1) ** self.power_t
             self._set_learning_rate(lr)
 
-    def trigger_stopping(self, msg, verbose):
+    def trigger_stopping(self, msg: str, verbose: bool) -> bool:
         if self.lr_schedule != "adaptive":
             if verbose:
                 print(msg + " Stopping.")
@@ -170,7 +178,8 @@ class _SGD:
 class _Adam:
     """scikit-learn's AdamOptimizer on the native PyTorch-form ``adam_step``."""
 
-    def __init__(self, n_params, dtype, learning_rate_init, beta_1, beta_2, epsilon):
+    def __init__(self, n_params: int, dtype: np.dtype, learning_rate_init: float, beta_1: float,
+                 beta_2: float, epsilon: float) -> None:
         self.learning_rate_init = learning_rate_init
         self.learning_rate = float(learning_rate_init)
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
@@ -178,7 +187,7 @@ class _Adam:
         self.ms = np.zeros(n_params, dtype=dtype)
         self.vs = np.zeros(n_params, dtype=dtype)
 
-    def step(self, params, grads):
+    def step(self, params: np.ndarray, grads: np.ndarray) -> None:
         self.t = t = self.t + 1
         bc2_sqrt = math.sqrt(1.0 - self.beta_2 ** t)
         # scikit-learn's step size, kept for inspection like its optimizer's.
@@ -186,10 +195,10 @@ class _Adam:
         adam_step(params, grads, self.ms, self.vs, step=t, lr=self.learning_rate_init,
                   beta1=self.beta_1, beta2=self.beta_2, eps=self.epsilon / bc2_sqrt)
 
-    def iteration_ends(self, time_step):
+    def iteration_ends(self, time_step: int) -> None:
         pass
 
-    def trigger_stopping(self, msg, verbose):
+    def trigger_stopping(self, msg: str, verbose: bool) -> bool:
         if verbose:
             print(msg + " Stopping.")
         return True
@@ -199,15 +208,15 @@ class _Adam:
 # Losses on predictions (validation curve, Poisson); scikit-learn's formulas
 # --------------------------------------------------------------------------
 
-def _squared_loss(y, p, w):
+def _squared_loss(y: np.ndarray, p: np.ndarray, w: np.ndarray | None) -> float:
     return 0.5 * np.average((y - p) ** 2, weights=w, axis=0).mean()
 
 
-def _poisson_loss(y, p, w):
+def _poisson_loss(y: np.ndarray, p: np.ndarray, w: np.ndarray | None) -> float:
     return np.average(xlogy(y, y / p) - y + p, weights=w, axis=0).sum()
 
 
-def _log_loss(y, p, w):
+def _log_loss(y: np.ndarray, p: np.ndarray, w: np.ndarray | None) -> float:
     eps = np.finfo(p.dtype).eps
     p = np.clip(p, eps, 1 - eps)
     if p.shape[1] == 1:
@@ -216,7 +225,7 @@ def _log_loss(y, p, w):
     return -np.average(xlogy(y, p), weights=w, axis=0).sum()
 
 
-def _binary_log_loss(y, p, w):
+def _binary_log_loss(y: np.ndarray, p: np.ndarray, w: np.ndarray | None) -> float:
     eps = np.finfo(p.dtype).eps
     p = np.clip(p, eps, 1 - eps)
     return -np.average(xlogy(y, p) + xlogy(1 - y, 1 - p), weights=w, axis=0).sum()
@@ -231,7 +240,7 @@ class _BaseMLP(BaseEstimator):
 
     # ---- parameters <-> the flat buffer ---------------------------------
 
-    def _bind_views(self):
+    def _bind_views(self) -> None:
         """Point coefs_ / intercepts_ at the flat buffer (and remember them)."""
         units, P = self._layer_units, self._params
         self.coefs_, self.intercepts_ = [], []
@@ -244,15 +253,16 @@ class _BaseMLP(BaseEstimator):
             start = end
         self._views = (tuple(self.coefs_), tuple(self.intercepts_))
 
-    def _split_layers(self, flat):
+    def _split_layers(self, flat: np.ndarray) -> list[np.ndarray]:
         """Per-layer segments of a flat buffer: W_l and b_l are adjacent."""
-        units, start, out = self._layer_units, 0, []
+        units, start = self._layer_units, 0
+        out: list[np.ndarray] = []
         for d_in, d_out in zip(units[:-1], units[1:]):
             out.append(flat[start:start + d_in * d_out + d_out])
             start += d_in * d_out + d_out
         return out
 
-    def _sync_params(self):
+    def _sync_params(self) -> None:
         """Copy coefs_ / intercepts_ back into the buffer if they were replaced."""
         coefs, intercepts = self.coefs_, self.intercepts_
         if (len(coefs) == len(self._views[0]) and len(intercepts) == len(self._views[1])
@@ -260,7 +270,7 @@ class _BaseMLP(BaseEstimator):
                 and all(a is b for a, b in zip(intercepts, self._views[1]))):
             return
         name = type(self).__name__
-        new = []
+        new: list[tuple[np.ndarray, np.ndarray]] = []
         for what, arrays, views in (("coefs_", coefs, self._views[0]),
                                     ("intercepts_", intercepts, self._views[1])):
             if len(arrays) != len(views):
@@ -276,12 +286,12 @@ class _BaseMLP(BaseEstimator):
                 v[...] = a
         self._bind_views()
 
-    def _make_plan(self):
+    def _make_plan(self) -> None:
         acts = [_PLAN_ACT[self.activation]] * (len(self._layer_units) - 2)
         acts.append(_PLAN_ACT[self.out_activation_])
         self._plan = MLPPlan(list(self._layer_units), acts, dtype=self._params.dtype.name)
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
         # The plan is native (rebuilt on load) and the views would unpickle as
         # copies, so only the flat parameter buffer travels.
@@ -289,7 +299,7 @@ class _BaseMLP(BaseEstimator):
             state.pop(key, None)
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "_params" in state:
             self._grads = np.zeros_like(self._params)
@@ -298,7 +308,7 @@ class _BaseMLP(BaseEstimator):
 
     # ---- fitting ---------------------------------------------------------
 
-    def _initialize(self, y, layer_units, dtype):
+    def _initialize(self, y: np.ndarray, layer_units: list[int], dtype: np.dtype) -> None:
         self.n_iter_ = 0
         self.t_ = 0
         self.n_outputs_ = y.shape[1]
@@ -326,21 +336,22 @@ class _BaseMLP(BaseEstimator):
         self._make_plan()
 
         if self.solver in _STOCHASTIC_SOLVERS:
-            self.loss_curve_ = []
-            self.grad_norms_curve_ = []
+            self.loss_curve_: list[float] = []
+            self.grad_norms_curve_: list[np.ndarray] = []
             self._no_improvement_count = 0
             if self.early_stopping:
-                self.validation_scores_ = []
-                self.validation_loss_curve_ = []
-                self.best_validation_score_ = -np.inf
-                self.best_loss_ = None
+                # lists (floats) with early stopping, None without: scikit-learn's attributes
+                self.validation_scores_: Any = []
+                self.validation_loss_curve_: Any = []
+                self.best_validation_score_: Any = -np.inf
+                self.best_loss_: Any = None
             else:
                 self.best_loss_ = np.inf
                 self.validation_scores_ = None
                 self.validation_loss_curve_ = None
                 self.best_validation_score_ = None
 
-    def _fit(self, X, y, sample_weight=None, incremental=False):
+    def _fit(self, X: _Data, y: _Data, sample_weight: _Data = None, incremental: bool = False) -> Self:
         hidden_layer_sizes = self.hidden_layer_sizes
         if not hasattr(hidden_layer_sizes, "__iter__"):
             hidden_layer_sizes = [hidden_layer_sizes]
@@ -388,13 +399,14 @@ class _BaseMLP(BaseEstimator):
             )
         return self
 
-    def _plan_targets(self, y):
+    def _plan_targets(self, y: np.ndarray) -> np.ndarray:
         """Targets in the form the plan's loss takes: int64 labels or float rows."""
         if self.out_activation_ == "softmax":
             return np.ascontiguousarray(y.argmax(axis=1), dtype=np.int64)
         return np.ascontiguousarray(y, dtype=self._params.dtype)
 
-    def _make_step(self, X, T, sample_weight):
+    def _make_step(self, X: np.ndarray, T: np.ndarray, sample_weight: np.ndarray | None
+                   ) -> Callable[[np.ndarray | None, float], float]:
         """Return ``step(idx, s) -> loss``: one batch's loss and gradient.
 
         ``idx`` (int64 rows of X, or None for all rows) is the batch and ``s``
@@ -405,10 +417,11 @@ class _BaseMLP(BaseEstimator):
         train = self._plan.train_step
         sw = sample_weight
         if self.out_activation_ in ("softmax", "logistic"):
-            loss = ("softmax_cross_entropy" if self.out_activation_ == "softmax"
-                    else "binary_cross_entropy")
+            loss: Literal["softmax_cross_entropy", "binary_cross_entropy"] = (
+                "softmax_cross_entropy" if self.out_activation_ == "softmax"
+                else "binary_cross_entropy")
 
-            def step(idx, s):
+            def step(idx: np.ndarray | None, s: float) -> float:
                 return train(P, G, X, T, loss=loss, indices=idx, sample_weight=sw,
                              scale=1.0 / s, l2=alpha / s)
             return step
@@ -416,7 +429,7 @@ class _BaseMLP(BaseEstimator):
         coefs = self.coefs_
         k = T.shape[1]
 
-        def penalty(s):
+        def penalty(s: float) -> float:
             return 0.5 * alpha / s * sum(float(np.dot(c.ravel(), c.ravel())) for c in coefs)
 
         if self.out_activation_ == "identity":
@@ -424,12 +437,12 @@ class _BaseMLP(BaseEstimator):
             # (p - y)/s per output; its reported loss also averages over the k
             # outputs, which the plan's sum does not.
             if k == 1:
-                def step(idx, s):
+                def step(idx: np.ndarray | None, s: float) -> float:
                     return train(P, G, X, T, loss="squared_error", indices=idx,
                                  sample_weight=sw, scale=0.5 / s, l2=alpha / s)
                 return step
 
-            def step(idx, s):
+            def step(idx: np.ndarray | None, s: float) -> float:
                 pen = penalty(s)
                 value = train(P, G, X, T, loss="squared_error", indices=idx, sample_weight=sw,
                               scale=0.5 / s, l2=alpha / s)
@@ -441,7 +454,7 @@ class _BaseMLP(BaseEstimator):
         # the squared error's gradient 2 * scale * (z - t) is exactly that.
         forward = self._plan.forward
 
-        def step(idx, s):
+        def step(idx: np.ndarray | None, s: float) -> float:  # type: ignore[no-redef]
             if idx is None:
                 xb, yb, wb = X, T, sw
             else:
@@ -454,12 +467,12 @@ class _BaseMLP(BaseEstimator):
             return float(_poisson_loss(yb, p, wb)) + pen
         return step
 
-    def _fit_lbfgs(self, X, y, sample_weight):
+    def _fit_lbfgs(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None) -> None:
         P, G = self._params, self._grads
         step = self._make_step(X, self._plan_targets(y), sample_weight)
         total = float(X.shape[0]) if sample_weight is None else float(sample_weight.sum())
 
-        def loss_grad(theta):
+        def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
             P[...] = theta
             value = step(None, total)
             return value, G.astype(np.float64)
@@ -474,9 +487,11 @@ class _BaseMLP(BaseEstimator):
         self.loss_ = opt_res.fun
         P[...] = opt_res.x
 
-    def _fit_stochastic(self, X, y, y_labels, sample_weight, incremental):
+    def _fit_stochastic(self, X: np.ndarray, y: np.ndarray, y_labels: np.ndarray,
+                        sample_weight: np.ndarray | None, incremental: bool) -> None:
         P, G = self._params, self._grads
         if not incremental or not hasattr(self, "_optimizer"):
+            self._optimizer: _SGD | _Adam
             if self.solver == "sgd":
                 self._optimizer = _SGD(P.size, P.dtype, self.learning_rate_init,
                                        self.learning_rate, self.momentum,
@@ -537,6 +552,7 @@ class _BaseMLP(BaseEstimator):
                     rs.shuffle(perm)
                     sample_idx = sample_idx[perm]
                 rows = sample_idx if train_idx is None else train_idx[sample_idx]
+                totals: Sequence[float]
                 if sample_weight is None:
                     totals = size_list
                 else:
@@ -592,7 +608,7 @@ class _BaseMLP(BaseEstimator):
         if early_stopping:
             P[...] = self._best_params
 
-    def _update_no_improvement_count(self, early_stopping, val):
+    def _update_no_improvement_count(self, early_stopping: bool, val: Any) -> None:
         if early_stopping:
             X_val, y_val, t_val, sw_val = val
             out = self._forward(X_val)
@@ -617,7 +633,8 @@ class _BaseMLP(BaseEstimator):
             if self.loss_curve_[-1] < self.best_loss_:
                 self.best_loss_ = self.loss_curve_[-1]
 
-    def _score_and_loss(self, out, y, t, sw):
+    def _score_and_loss(self, out: np.ndarray, y: np.ndarray, t: np.ndarray,
+                        sw: np.ndarray | None) -> tuple[float, float]:
         """Validation score (accuracy or R^2) and loss from the network's output."""
         y_pred = self._decode(out)
         if np.issubdtype(y_pred.dtype, np.floating) and not np.isfinite(y_pred).all():
@@ -626,13 +643,14 @@ class _BaseMLP(BaseEstimator):
             score = self._score_function(y, y_pred, sample_weight=sw)
         if not np.isfinite(out).all():
             return score, np.nan
-        losses = {"softmax": _log_loss, "logistic": _binary_log_loss,
+        losses: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray | None], float]] = {
+            "softmax": _log_loss, "logistic": _binary_log_loss,
                   "identity": _squared_loss, "exp": _poisson_loss}
         return score, float(losses[self.out_activation_](t, out, sw))
 
     # ---- inference -------------------------------------------------------
 
-    def _forward(self, X):
+    def _forward(self, X: _Data) -> np.ndarray:
         """Network output (n, n_outputs_) for validated X, in the model's dtype."""
         self._sync_params()
         if sp.issparse(X):
@@ -643,12 +661,12 @@ class _BaseMLP(BaseEstimator):
             np.exp(out, out=out)
         return out
 
-    def _forward_pass_fast(self, X, check_input=True):
+    def _forward_pass_fast(self, X: _Data, check_input: bool = True) -> np.ndarray:
         if check_input:
             X = validate_data(self, X, accept_sparse=["csr", "csc"], reset=False)
         return self._forward(X)
 
-    def _check_solver(self):
+    def _check_solver(self) -> bool:
         if self.solver not in _STOCHASTIC_SOLVERS:
             raise AttributeError(
                 "partial_fit is only available for stochastic"
@@ -657,7 +675,7 @@ class _BaseMLP(BaseEstimator):
         return True
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X: _Data, y: ArrayLike, sample_weight: ArrayLike | None = None) -> Self:
         """Fit the model to data matrix X and target(s) y.
 
         Parameters
@@ -673,7 +691,7 @@ class _BaseMLP(BaseEstimator):
         """
         return self._fit(X, y, sample_weight=sample_weight, incremental=False)
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.input_tags.sparse = True
         return tags
@@ -695,35 +713,35 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     softmax output (multi-class) or sigmoid outputs (binary, multi-label).
     """ + _DOC_PARAMS
 
-    _parameter_constraints: dict = dict(_SkMLPClassifier._parameter_constraints)
+    _parameter_constraints: dict[str, list[Any]] = dict(_SkMLPClassifier._parameter_constraints)
 
     def __init__(
         self,
-        hidden_layer_sizes=(100,),
-        activation="relu",
+        hidden_layer_sizes: int | Sequence[int] = (100,),
+        activation: str = "relu",
         *,
-        solver="adam",
-        alpha=0.0001,
-        batch_size="auto",
-        learning_rate="constant",
-        learning_rate_init=0.001,
-        power_t=0.5,
-        max_iter=200,
-        shuffle=True,
-        random_state=None,
-        tol=1e-4,
-        verbose=False,
-        warm_start=False,
-        momentum=0.9,
-        nesterovs_momentum=True,
-        early_stopping=False,
-        validation_fraction=0.1,
-        beta_1=0.9,
-        beta_2=0.999,
-        epsilon=1e-8,
-        n_iter_no_change=10,
-        max_fun=15000,
-    ):
+        solver: str = "adam",
+        alpha: float = 0.0001,
+        batch_size: int | str = "auto",
+        learning_rate: str = "constant",
+        learning_rate_init: float = 0.001,
+        power_t: float = 0.5,
+        max_iter: int = 200,
+        shuffle: bool = True,
+        random_state: int | np.random.RandomState | None = None,
+        tol: float = 1e-4,
+        verbose: bool = False,
+        warm_start: bool = False,
+        momentum: float = 0.9,
+        nesterovs_momentum: bool = True,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        n_iter_no_change: int = 10,
+        max_fun: int = 15000,
+    ) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -748,7 +766,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
 
-    def _validate_input(self, X, y, incremental, reset):
+    def _validate_input(self, X: _Data, y: _Data, incremental: bool, reset: bool
+                        ) -> tuple[_Data, np.ndarray]:
         X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
                              dtype=(np.float64, np.float32), reset=reset)
         if y.ndim == 2 and y.shape[1] == 1:
@@ -773,19 +792,20 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                 )
         return X, y
 
-    def _encode_targets(self, y):
+    def _encode_targets(self, y: np.ndarray) -> np.ndarray:
         return self._label_binarizer.transform(y).astype(bool)
 
-    def _decode(self, out):
+    def _decode(self, out: np.ndarray) -> np.ndarray:
         if self.n_outputs_ == 1:
             out = out.ravel()
         return self._label_binarizer.inverse_transform(out)
 
     @staticmethod
-    def _score_function(y, y_pred, sample_weight=None):
+    def _score_function(y: ArrayLike, y_pred: ArrayLike,
+                        sample_weight: ArrayLike | None = None) -> float:
         return accuracy_score(y, y_pred, sample_weight=sample_weight)
 
-    def predict(self, X):
+    def predict(self, X: _Data) -> np.ndarray:
         """Predict class labels (or a label indicator matrix for multi-label).
 
         Parameters
@@ -801,7 +821,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     @available_if(lambda est: est._check_solver())
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y, sample_weight=None, classes=None):
+    def partial_fit(self, X: _Data, y: ArrayLike, sample_weight: ArrayLike | None = None,
+                    classes: ArrayLike | None = None) -> Self:
         """One epoch over (X, y); ``classes`` is required on the first call.
 
         Returns
@@ -816,7 +837,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                 self._label_binarizer.fit(classes)
         return self._fit(X, y, sample_weight=sample_weight, incremental=True)
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: _Data) -> np.ndarray:
         """Class probabilities, columns ordered as ``classes_``.
 
         Returns
@@ -831,12 +852,12 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             return np.vstack([1 - y_pred, y_pred]).T
         return y_pred
 
-    def predict_log_proba(self, X):
+    def predict_log_proba(self, X: _Data) -> np.ndarray:
         """``log(predict_proba(X))``."""
         y_prob = self.predict_proba(X)
         return np.log(y_prob, out=y_prob)
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.classifier_tags.multi_label = True
         return tags
@@ -850,36 +871,36 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     (``loss="poisson"``, where the installed scikit-learn has it).
     """ + _DOC_PARAMS
 
-    _parameter_constraints: dict = dict(_SkMLPRegressor._parameter_constraints)
+    _parameter_constraints: dict[str, list[Any]] = dict(_SkMLPRegressor._parameter_constraints)
 
     def __init__(
         self,
-        loss="squared_error",
-        hidden_layer_sizes=(100,),
-        activation="relu",
+        loss: str = "squared_error",
+        hidden_layer_sizes: int | Sequence[int] = (100,),
+        activation: str = "relu",
         *,
-        solver="adam",
-        alpha=0.0001,
-        batch_size="auto",
-        learning_rate="constant",
-        learning_rate_init=0.001,
-        power_t=0.5,
-        max_iter=200,
-        shuffle=True,
-        random_state=None,
-        tol=1e-4,
-        verbose=False,
-        warm_start=False,
-        momentum=0.9,
-        nesterovs_momentum=True,
-        early_stopping=False,
-        validation_fraction=0.1,
-        beta_1=0.9,
-        beta_2=0.999,
-        epsilon=1e-8,
-        n_iter_no_change=10,
-        max_fun=15000,
-    ):
+        solver: str = "adam",
+        alpha: float = 0.0001,
+        batch_size: int | str = "auto",
+        learning_rate: str = "constant",
+        learning_rate_init: float = 0.001,
+        power_t: float = 0.5,
+        max_iter: int = 200,
+        shuffle: bool = True,
+        random_state: int | np.random.RandomState | None = None,
+        tol: float = 1e-4,
+        verbose: bool = False,
+        warm_start: bool = False,
+        momentum: float = 0.9,
+        nesterovs_momentum: bool = True,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        n_iter_no_change: int = 10,
+        max_fun: int = 15000,
+    ) -> None:
         self.loss = loss
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -905,24 +926,26 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
 
-    def _validate_input(self, X, y, incremental, reset):
+    def _validate_input(self, X: _Data, y: _Data, incremental: bool, reset: bool
+                        ) -> tuple[_Data, np.ndarray]:
         X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
                              y_numeric=True, dtype=(np.float64, np.float32), reset=reset)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         return X, y
 
-    def _encode_targets(self, y):
+    def _encode_targets(self, y: np.ndarray) -> np.ndarray:
         return y
 
-    def _decode(self, out):
+    def _decode(self, out: np.ndarray) -> np.ndarray:
         return out.ravel() if out.shape[1] == 1 else out
 
     @staticmethod
-    def _score_function(y, y_pred, sample_weight=None):
+    def _score_function(y: ArrayLike, y_pred: ArrayLike,
+                        sample_weight: ArrayLike | None = None) -> float:
         return r2_score(y, y_pred, sample_weight=sample_weight)
 
-    def predict(self, X):
+    def predict(self, X: _Data) -> np.ndarray:
         """Predict values.
 
         Parameters
@@ -938,7 +961,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     @available_if(lambda est: est._check_solver())
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y, sample_weight=None):
+    def partial_fit(self, X: _Data, y: ArrayLike, sample_weight: ArrayLike | None = None) -> Self:
         """One epoch over (X, y).
 
         Returns

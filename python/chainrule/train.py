@@ -43,8 +43,10 @@ import sys
 import threading
 import time
 import warnings
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, cast
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import kernels
 from . import losses as _losses
@@ -52,6 +54,9 @@ from . import metrics as _metrics
 from .layers import Identity, Layer, LogSoftmax, Sequential, Sigmoid, Softmax, _ActivationLayer, _rng
 from .optim import SGD, Optimizer
 from .plan import compile_plan
+
+if TYPE_CHECKING:
+    from .layers import Seed
 
 __all__ = [
     "batches", "fit", "History", "Callback", "EarlyStopping", "ConvergenceWarning",
@@ -66,7 +71,7 @@ class ConvergenceWarning(UserWarning):
 # -- input checks -------------------------------------------------------------------
 
 
-def _check_X(X, model, where: str, what: str = "X") -> np.ndarray:
+def _check_X(X: ArrayLike, model: Layer, where: str, what: str = "X") -> np.ndarray:
     """2-D, non-empty, finite, the model's feature count, converted to its dtype."""
     X = np.asarray(X)
     if X.dtype.kind not in "fiub":
@@ -89,7 +94,7 @@ def _check_X(X, model, where: str, what: str = "X") -> np.ndarray:
     return X
 
 
-def _first_non_finite(X, rows_per_chunk: int = 4096):
+def _first_non_finite(X: np.ndarray, rows_per_chunk: int = 4096) -> tuple[int, int] | None:
     """(row, column) of the first NaN or inf in 2-D X, or None.
 
     Without allocating an array the size of X: one sum (NaN and inf reach
@@ -107,28 +112,28 @@ def _first_non_finite(X, rows_per_chunk: int = 4096):
     return None  # finite values whose sum overflowed
 
 
-def _check_positive_int(value, where, name):
+def _check_positive_int(value: Any, where: str, name: str) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{where}: {name} must be a positive integer; got {value!r}")
     return int(value)
 
 
-def _check_model(model, where):
+def _check_model(model: object, where: str) -> None:
     if not isinstance(model, Layer):
         raise TypeError(f"{where}: model must be a chainrule layer or Sequential; got {type(model).__name__}")
 
 
-def _target_spec(model, n):
+def _target_spec(model: Layer, n: int) -> np.ndarray:
     """A zero-memory stand-in for the model's output, for ``Loss.prepare_target``."""
     d_out = model.output_dim(model.d_in)
     return np.broadcast_to(np.zeros((), dtype=model.dtype), (n, d_out if d_out is not None else 1))
 
 
-def _last_layer(model):
+def _last_layer(model: Layer) -> Layer:
     return model.layers[-1] if isinstance(model, Sequential) else model
 
 
-def _infer_loss(model, y, where) -> _losses.Loss:
+def _infer_loss(model: Layer, y: np.ndarray, where: str) -> _losses.Loss:
     last, d_out = _last_layer(model), model.output_dim(model.d_in)
     logits = isinstance(last, Identity) or not isinstance(last, _ActivationLayer)
     if d_out == 1 and isinstance(last, Sigmoid):
@@ -146,7 +151,8 @@ def _infer_loss(model, y, where) -> _losses.Loss:
 # -- batches --------------------------------------------------------------------------
 
 
-def batches(X, y=None, batch_size: int = 32, shuffle: bool = True, seed=None, drop_last: bool = False):
+def batches(X: ArrayLike, y: ArrayLike | None = None, batch_size: int = 32, shuffle: bool = True,
+            seed: Seed = None, drop_last: bool = False) -> Iterator[Any]:
     """Mini-batches ``(X_B, y_B)`` covering the data once (one epoch).
 
     The lecture's "pick a mini-batch B of examples": the indices are
@@ -192,7 +198,7 @@ def batches(X, y=None, batch_size: int = 32, shuffle: bool = True, seed=None, dr
     order = _rng(seed, "batches").permutation(n) if shuffle else np.arange(n)
     stop = n - n % bs if drop_last else n
 
-    def gen():
+    def gen() -> Iterator[Any]:
         for start in range(0, stop, bs):
             sel = order[start:start + bs]
             yield X[sel] if y is None else (X[sel], y[sel])
@@ -244,30 +250,35 @@ class History:
         The model trained.
     """
 
-    def __init__(self, model=None):
+    def __init__(self, model: Layer | None = None) -> None:
         self.model = model
-        self.epoch, self.loss, self.val_loss = [], [], []
-        self.metrics: dict = {}
-        self.time, self.lr, self.grad_norms = [], [], []
-        self.layer_names: list = []
+        self.epoch: list[int] = []
+        self.loss: list[float] = []
+        self.val_loss: list[float] = []
+        self.metrics: dict[str, list[float]] = {}
+        self.time: list[float] = []
+        self.lr: list[float] = []
+        self.grad_norms: list[list[float]] = []
+        self.layer_names: list[str] = []
         self.interrupted = False
-        self.interrupted_at = None
-        self.stop_reason = None
-        self.best_epoch = None
+        self.interrupted_at: tuple[int, int | None] | None = None
+        self.stop_reason: str | None = None
+        self.best_epoch: int | None = None
         self.stop_training = False
 
-    def __getitem__(self, key: str) -> list:
+    def __getitem__(self, key: str) -> list[Any]:
         """``history["loss"]``, ``history["val_accuracy"]``, ..."""
         if key in ("loss", "val_loss", "time", "lr", "grad_norms", "epoch"):
-            return getattr(self, key)
+            series: list[Any] = getattr(self, key)
+            return series
         if key in self.metrics:
             return self.metrics[key]
         raise KeyError(f"History: no series {key!r}; have loss, val_loss, time, lr, grad_norms, "
                        f"{', '.join(self.metrics) or '(no metrics)'}")
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, list[Any]]:
         """All per-epoch series as one dict of lists."""
-        d = {"epoch": self.epoch, "loss": self.loss, "time": self.time, "lr": self.lr,
+        d: dict[str, list[Any]] = {"epoch": self.epoch, "loss": self.loss, "time": self.time, "lr": self.lr,
              "grad_norms": self.grad_norms}
         if self.val_loss:
             d["val_loss"] = self.val_loss
@@ -282,19 +293,19 @@ class History:
 class Callback:
     """Base class with every hook of the protocol as a no-op (see the module docstring)."""
 
-    def on_train_begin(self, history):
+    def on_train_begin(self, history: History) -> None:
         pass
 
-    def on_epoch_begin(self, epoch, logs):
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any]) -> None:
         pass
 
-    def on_batch_end(self, batch, logs):
+    def on_batch_end(self, batch: int, logs: dict[str, Any]) -> None:
         pass
 
-    def on_epoch_end(self, epoch, logs):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
         pass
 
-    def on_train_end(self, history):
+    def on_train_end(self, history: History) -> None:
         pass
 
 
@@ -323,28 +334,31 @@ class EarlyStopping(Callback):
     stopped_epoch : int or None
     """
 
-    def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto", restore_best_weights=True):
+    def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0,
+                 mode: str = "auto", restore_best_weights: bool = True) -> None:
         self.monitor = monitor
         self.patience = _check_positive_int(patience, "EarlyStopping", "patience")
-        if not isinstance(min_delta, numbers.Real) or not math.isfinite(min_delta) or min_delta < 0:
+        # cast: mypy deems float and numbers.Real disjoint and the rest unreachable
+        if not isinstance(cast(object, min_delta), numbers.Real) or not math.isfinite(min_delta) or min_delta < 0:
             raise ValueError(f"EarlyStopping: min_delta must be a finite number >= 0; got {min_delta!r}")
-        self.min_delta = float(min_delta)
+        self.min_delta: float = float(min_delta)
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'auto', 'min' or 'max'; got {mode!r}")
-        self.mode = ("max" if "acc" in monitor else "min") if mode == "auto" else mode
-        self.restore_best_weights = restore_best_weights
-        self.best = math.inf if self.mode == "min" else -math.inf
-        self.best_epoch = self.stopped_epoch = None
+        self.mode: str = ("max" if "acc" in monitor else "min") if mode == "auto" else mode
+        self.restore_best_weights: bool = restore_best_weights
+        self.best: float = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch: int | None = None
+        self.stopped_epoch: int | None = None
 
-    def on_train_begin(self, history):
+    def on_train_begin(self, history: History) -> None:
         self._history = history
-        self._params = history.model.parameters()
+        self._params = cast(Layer, history.model).parameters()
         self._best_weights = [p.data.copy() for p in self._params]
         self.best = math.inf if self.mode == "min" else -math.inf
         self.best_epoch = self.stopped_epoch = None
         self._wait = 0
 
-    def on_epoch_end(self, epoch, logs):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
         if self.monitor not in logs:
             raise ValueError(
                 f"EarlyStopping: monitor {self.monitor!r} is not logged; the epoch logs have "
@@ -363,7 +377,7 @@ class EarlyStopping(Callback):
                 self._history.stop_training = True
                 self._history.stop_reason = "early_stopping"
 
-    def on_train_end(self, history):
+    def on_train_end(self, history: History) -> None:
         history.best_epoch = self.best_epoch
         if self.restore_best_weights and self.best_epoch is not None:
             for kept, p in zip(self._best_weights, self._params):
@@ -373,33 +387,35 @@ class EarlyStopping(Callback):
 # -- predictions -----------------------------------------------------------------------------
 
 
-def _outputs(model, X, chunk):
+def _outputs(model: Layer, X: np.ndarray, chunk: int) -> np.ndarray:
     """Model outputs for trusted X, chunk by chunk, into one new array."""
-    out = None
+    out: Any = None
     for start in range(0, len(X), chunk):
         y = model._forward(X[start:start + chunk])
         if out is None:
             out = np.empty((len(X),) + y.shape[1:], dtype=y.dtype)
         out[start:start + len(y)] = y
-    return out
+    result: np.ndarray = out
+    return result
 
 
-def _proba_from_outputs(model, out, loss):
+def _proba_from_outputs(model: Layer, out: np.ndarray, loss: _losses.Loss | None) -> np.ndarray:
     if loss is not None:
-        return loss.proba(out)
+        return cast(np.ndarray, loss.proba(out))
     last = _last_layer(model)
     out = out.reshape(len(out), -1)
     if isinstance(last, (Softmax,)):
         return out
     if isinstance(last, LogSoftmax):
-        return np.exp(out)
+        return cast(np.ndarray, np.exp(out))
     if out.shape[1] == 1:
         p = out if isinstance(last, Sigmoid) else kernels.sigmoid_forward(np.ascontiguousarray(out))
         return np.hstack([1 - p, p])
     return kernels.softmax_forward(np.ascontiguousarray(out))
 
 
-def predict_proba(model, X, *, loss=None, batch_size: int = 4096) -> np.ndarray:
+def predict_proba(model: Layer, X: ArrayLike, *, loss: _losses.Loss | None = None,
+                  batch_size: int = 4096) -> np.ndarray:
     """Class probabilities.
 
     Parameters
@@ -424,7 +440,8 @@ def predict_proba(model, X, *, loss=None, batch_size: int = 4096) -> np.ndarray:
     return _proba_from_outputs(model, _outputs(model, X, bs), loss)
 
 
-def predict(model, X, *, loss=None, batch_size: int = 4096) -> np.ndarray:
+def predict(model: Layer, X: ArrayLike, *, loss: _losses.Loss | None = None,
+            batch_size: int = 4096) -> np.ndarray:
     """Class labels (``argmax`` of :func:`predict_proba`), or raw outputs for MSE.
 
     Returns
@@ -436,10 +453,12 @@ def predict(model, X, *, loss=None, batch_size: int = 4096) -> np.ndarray:
         _check_model(model, "predict")
         X = _check_X(X, model, "predict")
         return _outputs(model, X, _check_positive_int(batch_size, "predict", "batch_size"))
-    return np.argmax(predict_proba(model, X, loss=loss, batch_size=batch_size), axis=1).astype(np.int64)
+    labels: np.ndarray = np.argmax(predict_proba(model, X, loss=loss, batch_size=batch_size), axis=1)
+    return labels.astype(np.int64)
 
 
-def _evaluate_prepared(model, X, t, loss, chunk):
+def _evaluate_prepared(model: Layer, X: np.ndarray, t: np.ndarray, loss: _losses.Loss,
+                       chunk: int) -> float:
     total = 0.0
     for start in range(0, len(X), chunk):
         xb, tb = X[start:start + chunk], t[start:start + chunk]
@@ -448,7 +467,8 @@ def _evaluate_prepared(model, X, t, loss, chunk):
     return total / len(X) if loss.reduction == "mean" else total
 
 
-def evaluate(model, X, y, loss, *, batch_size: int = 4096) -> float:
+def evaluate(model: Layer, X: ArrayLike, y: ArrayLike, loss: _losses.Loss | str, *,
+             batch_size: int = 4096) -> float:
     """The loss of ``model`` on ``(X, y)``, with the loss's reduction (no gradients)."""
     _check_model(model, "evaluate")
     loss = _losses.get(loss)
@@ -457,7 +477,7 @@ def evaluate(model, X, y, loss, *, batch_size: int = 4096) -> float:
     return _evaluate_prepared(model, X, t, loss, _check_positive_int(batch_size, "evaluate", "batch_size"))
 
 
-def _metric(name, model, loss, out, t):
+def _metric(name: str, model: Layer, loss: _losses.Loss, out: np.ndarray, t: np.ndarray) -> float:
     """One metric from model outputs ``out`` and prepared targets ``t``."""
     fn = _metrics.METRICS[name]
     if isinstance(loss, _losses.MSE):
@@ -476,7 +496,7 @@ def _metric(name, model, loss, out, t):
     return fn(t.reshape(len(t), -1), proba[:, 1:] if proba.shape[1] == 2 else proba)
 
 
-def _layer_groups(model):
+def _layer_groups(model: Layer) -> list[tuple[str, list[np.ndarray]]]:
     """(name, [grad arrays]) per trainable layer."""
     layers = model.layers if isinstance(model, Sequential) else [model]
     return [(f"{i}: {l!r}", [p.grad for p in l.parameters()]) for i, l in enumerate(layers) if l.parameters()]
@@ -490,18 +510,18 @@ class _GradNorms:
     and is far slower on a 1 x N by N x 1 product).
     """
 
-    def __init__(self, model):
+    def __init__(self, model: Layer) -> None:
         groups = _layer_groups(model)
         self.names = [name for name, _ in groups]
         self._views = [[g.reshape(-1) for g in grads] for _, grads in groups]
         # Running sums of the norms, one per layer (float64: compiled plans add into it).
         self.sums = np.zeros(len(groups))
 
-    def current(self):
+    def current(self) -> list[float]:
         with np.errstate(over="ignore", invalid="ignore"):  # a huge gradient norm is inf, not an error
             return [math.sqrt(sum(float(np.dot(v, v)) for v in views)) for views in self._views]
 
-    def add(self):
+    def add(self) -> None:
         sums = self.sums
         with np.errstate(over="ignore", invalid="ignore"):
             for j, views in enumerate(self._views):
@@ -511,7 +531,7 @@ class _GradNorms:
                 sums[j] += math.sqrt(total)
 
 
-def gradient_norms(model, loss, X, y) -> list:
+def gradient_norms(model: Layer, loss: _losses.Loss | str, X: ArrayLike, y: ArrayLike) -> list[float]:
     """Per-layer gradient norms for one batch, without updating anything.
 
     Runs ``zero_grad``, forward, loss and backward on ``(X, y)`` and returns,
@@ -529,7 +549,7 @@ def gradient_norms(model, loss, X, y) -> list:
     t = loss.prepare_target(y, _target_spec(model, len(X)), "gradient_norms(y)")
     model.zero_grad()
     loss._forward(model._forward(X), t, True)
-    model._backward(loss._grad, False, True)
+    model._backward(cast(np.ndarray, loss._grad), False, True)
     return _GradNorms(model).current()
 
 
@@ -544,12 +564,12 @@ class _Progress:
     def __init__(self, enabled: bool, epochs: int):
         self.enabled, self.epochs = enabled, epochs
         self.start = time.perf_counter()
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar, True for plain lines, None before the first
         self._last_plain = 0.0
         self._tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-        self._tqdm = False  # resolved on first display: the tqdm class, or None
+        self._tqdm: Any = False  # resolved on first display: the tqdm class, or None
 
-    def update(self, epoch: int, logs: dict, final: bool = False) -> None:
+    def update(self, epoch: int, logs: dict[str, Any], final: bool = False) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -590,9 +610,13 @@ class _Progress:
 # -- fit ---------------------------------------------------------------------------------------
 
 
-def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size: int = 32,
-        shuffle: bool = True, seed=None, validation_data=None, validation_split=None,
-        metrics=(), callbacks=(), tol=None, n_iter_no_change: int = 10, progress: bool = True) -> History:
+def fit(model: Layer, X: ArrayLike, y: ArrayLike, *, loss: _losses.Loss | str | None = None,
+        optimizer: Optimizer | None = None, epochs: int = 10, batch_size: int = 32,
+        shuffle: bool = True, seed: Seed = None,
+        validation_data: tuple[ArrayLike, ArrayLike] | None = None,
+        validation_split: float | None = None, metrics: Iterable[str] = (),
+        callbacks: Sequence[Callback] = (), tol: float | None = None, n_iter_no_change: int = 10,
+        progress: bool = True) -> History:
     """Train ``model`` on ``(X, y)`` with mini-batch gradient descent.
 
     Each step: gather a batch by shuffled index, ``zero_grad``, forward,
@@ -678,7 +702,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
     epochs = _check_positive_int(epochs, where, "epochs")
     batch_size = _check_positive_int(batch_size, where, "batch_size")
     n_iter_no_change = _check_positive_int(n_iter_no_change, where, "n_iter_no_change")
-    if tol is not None and (not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0):
+    if tol is not None and (not isinstance(cast(object, tol), numbers.Real) or not math.isfinite(tol) or tol < 0):
         raise ValueError(f"{where}: tol must be None or a finite number >= 0; got {tol!r}")
     X = _check_X(X, model, where)
     y_arr = np.asarray(y)
@@ -716,7 +740,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
         raise ValueError(f"{where}: pass validation_data or validation_split, not both")
     Xv = tv = None
     if validation_split is not None:
-        if not isinstance(validation_split, numbers.Real) or not 0 < validation_split < 1:
+        if not isinstance(cast(object, validation_split), numbers.Real) or not 0 < validation_split < 1:
             raise ValueError(f"{where}: validation_split must be in (0, 1); got {validation_split!r}")
         n_val = int(round(len(X) * validation_split))
         if n_val < 1 or n_val >= len(X):
@@ -742,7 +766,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
     n_batches = -(-n // bs)
     eval_chunk = max(bs, 1024)
     idx = np.arange(n)
-    gathered = {}  # batch size -> (x buffer, target buffer)
+    gathered: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # batch size -> (x buffer, target buffer)
     norms = _GradNorms(model)
     fast = compile_plan(model, loss, t)
 
@@ -752,7 +776,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
         history.metrics[m] = []
         if Xv is not None:
             history.metrics["val_" + m] = []
-    hooks = {name: [getattr(cb, name) for cb in callbacks if callable(getattr(cb, name, None))]
+    hooks: dict[str, list[Callable[..., None]]] = {name: [getattr(cb, name) for cb in callbacks if callable(getattr(cb, name, None))]
              for name in ("on_train_begin", "on_epoch_begin", "on_batch_end", "on_epoch_end", "on_train_end")}
     batch_hooks = hooks["on_batch_end"]
     bar = _Progress(bool(progress), epochs)
@@ -761,7 +785,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
     sigint = [False]
     previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
 
-    def _on_sigint(signum, frame):
+    def _on_sigint(signum: int, frame: object) -> None:
         sigint[0] = True
         signal.signal(signal.SIGINT, previous)
 
@@ -812,10 +836,10 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
                             f"{where}: the loss is {value} at epoch {epoch + 1}/{epochs}, batch "
                             f"{b + 1}/{n_batches}; the weights are those before this batch. "
                             f"Try a smaller lr or scaled inputs")
-                        err.epoch, err.batch, err.history = epoch, b, history
+                        err.epoch, err.batch, err.history = epoch, b, history  # type: ignore[attr-defined]
                         raise err
                     if fast is None:
-                        model._backward(loss._grad, False, True)
+                        model._backward(cast(np.ndarray, loss._grad), False, True)
                         norms.add()
                     optimizer.step()
                     epoch_total += value * size if loss.reduction == "mean" else value
@@ -836,7 +860,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
             epoch_loss = epoch_total / seen if loss.reduction == "mean" else epoch_total
             logs = {"loss": epoch_loss}
             if Xv is not None:
-                logs["val_loss"] = _evaluate_prepared(model, Xv, tv, loss, eval_chunk)
+                logs["val_loss"] = _evaluate_prepared(model, Xv, cast(np.ndarray, tv), loss, eval_chunk)
             if metrics:
                 out = _outputs(model, X, eval_chunk)
                 for m in metrics:
@@ -844,7 +868,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs: int = 10, batch_size:
                 if Xv is not None:
                     out_v = _outputs(model, Xv, eval_chunk)
                     for m in metrics:
-                        logs["val_" + m] = _metric(m, model, loss, out_v, tv)
+                        logs["val_" + m] = _metric(m, model, loss, out_v, cast(np.ndarray, tv))
             elapsed = time.perf_counter() - t0
             history.epoch.append(epoch)
             history.loss.append(epoch_loss)
