@@ -283,8 +283,10 @@ def worker_jax(name, inference):
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), yb[:, None], axis=1))
         return jnp.mean(jnp.logaddexp(0.0, z) - yb * z)
 
+    # The whole step, batch gather included, is one jitted call (JAX at its best).
     @jax.jit
-    def train(ps, xb, yb):
+    def train(ps, xs, ys, idx):
+        xb, yb = xs[idx], ys[idx]
         g = jax.grad(loss_fn)(ps, xb, yb)
         return jax.tree_util.tree_map(lambda p, gp: p - LR * gp, ps, g)
 
@@ -293,8 +295,7 @@ def worker_jax(name, inference):
     state = {"ps": ps}
 
     def step(i):
-        idx = bj[i % N_BATCHES]
-        state["ps"] = train(state["ps"], xj[idx], yj[idx])
+        state["ps"] = train(state["ps"], xj, yj, bj[i % N_BATCHES])
         jax.block_until_ready(state["ps"])
     return step
 
