@@ -336,13 +336,19 @@ constexpr idx kDirectMaxK = 512;
 // Shape-only choice (never the thread count, so the bits do not depend on
 // it): all of k in one pass, and op(B) small enough to stay in L2 while
 // every row tile sweeps it.
+// A row-major B is read in place, so k is bounded only by the stack strip
+// that a transposed B needs (a 1 x 784 by 784 x 10 product, one sample
+// through a layer, stays on this path).
+constexpr idx kDirectMaxKInPlace = 4096;
+
 template <typename T>
-bool use_direct(idx m, idx n, idx k) {
+bool use_direct(bool trans_b, idx m, idx n, idx k) {
     if constexpr (!MicroKernel<T>::kDirect) {
-        (void)m; (void)n; (void)k;
+        (void)trans_b; (void)m; (void)n; (void)k;
         return false;
     } else {
-        return k <= kDirectMaxK && double(n) * double(k) <= 65536.0 &&
+        return k <= (trans_b ? kDirectMaxK : kDirectMaxKInPlace) &&
+               double(n) * double(k) <= 65536.0 &&
                double(m) * double(n) * double(k) <= 16777216.0;
     }
 }
@@ -452,7 +458,7 @@ void gemm_driver(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const
         return;
     }
     if constexpr (MK::kDirect) {
-        if (use_direct<T>(m, n, k)) {
+        if (use_direct<T>(trans_b, m, n, k)) {
             gemm_direct<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep,
                            nthreads);
             return;
