@@ -22,7 +22,8 @@ struct KernelSet {
     double (*soft_cross_entropy)(const T*, const T*, const T*, T*, idx, idx, double, int);
     double (*binary_cross_entropy)(const T*, const T*, const T*, T*, idx, idx, double, int);
     void (*sgd_step)(T*, const T*, T*, idx, T, T, T, T, bool, bool, int);
-    void (*adam_step)(T*, const T*, T*, T*, idx, T, T, T, T, T, bool, std::int64_t, int);
+    void (*adam_step)(T*, const T*, T*, T*, idx, double, double, double, double, double, bool,
+                      std::int64_t, int);
 };
 
 struct KernelTable {

@@ -43,8 +43,9 @@ class MlpPlan {
     // Writes (or adds, with accumulate) d loss / d params into grads and
     // returns the loss: scale * sum_i w_i loss_i + l2/2 * sum ||W||^2 with
     // l2 * W added to each weight gradient.
-    // grad_norms (L, nullable): adds each layer's ||(dW, db)||_2, summed in
-    // double, so the per-layer gradient norms cost no extra pass from Python.
+    // grad_norms (L, nullable): adds each layer's ||(dW, db)||_2 (partial sums
+    // in T per block, blocks added in double), so the per-layer gradient norms
+    // cost no extra pass from Python.
     double train_step(const T* params, T* grads, const T* x, idx rows, const std::int64_t* indices,
                       idx n, const void* targets, const T* weights, LossKind loss, double scale,
                       double l2, bool accumulate, double* grad_norms, int nthreads);

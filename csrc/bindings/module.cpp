@@ -434,7 +434,7 @@ void adam_step_impl(py::handle p_in, py::handle g_in, py::handle m_in, py::handl
     const T* pg = g.data();
     const idx size = p.size();
     py::gil_scoped_release nogil;
-    kernels<T>().adam_step(pp, pg, pm, pv, size, T(lr), T(b1), T(b2), T(eps), T(wd), decoupled,
+    kernels<T>().adam_step(pp, pg, pm, pv, size, lr, b1, b2, eps, wd, decoupled,
                            step, threads());
 }
 

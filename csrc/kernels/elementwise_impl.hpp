@@ -716,7 +716,9 @@ void sgd_step(T* p, const T* g, T* buf, idx size, T lr, T momentum, T dampening,
         // PyTorch adds the decay only when it is non-zero (0 * inf = NaN).
         // One loop per case, so that each one vectorises without branches.
         const T wd = weight_decay;
-        if (momentum == T(0)) {
+        // The binding passes a buffer exactly when momentum != 0 in double; a
+        // momentum that rounds to 0 in float still updates it, as PyTorch does.
+        if (!bb) {
             if (wd != T(0))
                 for (idx i = 0; i < cnt; ++i) pp[i] = pp[i] - lr * (gg[i] + wd * pp[i]);
             else
@@ -739,17 +741,21 @@ void sgd_step(T* p, const T* g, T* buf, idx size, T lr, T momentum, T dampening,
 }
 
 template <typename T>
-void adam_step(T* p, const T* g, T* m, T* v, idx size, T lr, T beta1, T beta2, T eps,
-               T weight_decay, bool decoupled, std::int64_t step, int nthreads) {
-    const double bc1 = 1.0 - __builtin_pow(static_cast<double>(beta1), static_cast<double>(step));
-    const double bc2 = 1.0 - __builtin_pow(static_cast<double>(beta2), static_cast<double>(step));
-    const T step_size = static_cast<T>(static_cast<double>(lr) / bc1);
+void adam_step(T* p, const T* g, T* m, T* v, idx size, double lr_d, double beta1_d,
+               double beta2_d, double eps_d, double weight_decay_d, bool decoupled,
+               std::int64_t step, int nthreads) {
+    const double bc1 = 1.0 - __builtin_pow(beta1_d, static_cast<double>(step));
+    const double bc2 = 1.0 - __builtin_pow(beta2_d, static_cast<double>(step));
+    const T step_size = static_cast<T>(lr_d / bc1);
     const T bc2_sqrt = static_cast<T>(__builtin_sqrt(bc2));
-    const T decay = static_cast<T>(1.0 - static_cast<double>(lr) * static_cast<double>(weight_decay));
-    const T b1c = T(1) - beta1;
-    const T b2c = T(1) - beta2;
-    const bool l2 = !decoupled && weight_decay != T(0);
-    const bool shrink = decoupled && weight_decay != T(0);
+    const T decay = static_cast<T>(1.0 - lr_d * weight_decay_d);
+    const T beta1 = static_cast<T>(beta1_d), beta2 = static_cast<T>(beta2_d);
+    const T b1c = static_cast<T>(1.0 - beta1_d);
+    const T b2c = static_cast<T>(1.0 - beta2_d);
+    const T eps = static_cast<T>(eps_d);
+    const T weight_decay = static_cast<T>(weight_decay_d);
+    const bool l2 = !decoupled && weight_decay_d != 0.0;
+    const bool shrink = decoupled && weight_decay_d != 0.0;
     detail::flat_blocks(size, nthreads, 1.0, [=](idx i0, idx cnt) {
         T* pp = p + i0;
         const T* gg = g + i0;

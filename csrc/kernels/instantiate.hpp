@@ -22,7 +22,7 @@ namespace CHAINRULE_ISA {
     template double binary_cross_entropy<T>(const T*, const T*, const T*, T*, idx, idx,     \
                                             double, int);                                   \
     template void sgd_step<T>(T*, const T*, T*, idx, T, T, T, T, bool, bool, int);          \
-    template void adam_step<T>(T*, const T*, T*, T*, idx, T, T, T, T, T, bool,              \
+    template void adam_step<T>(T*, const T*, T*, T*, idx, double, double, double, double, double, bool,              \
                                std::int64_t, int);
 
 CHAINRULE_INSTANTIATE(float)

@@ -85,18 +85,20 @@ enum class Act : int {
                                 const T* weights, T* grad, idx n, idx k,            \
                                 double scale, int nthreads);                        \
     /* One torch.optim.SGD step over `size` elements (see optim.py for the         \
-       formulas). buf is the momentum buffer (unused when momentum == 0);           \
+       formulas). buf is the momentum buffer, null when momentum == 0 (in double); \
        first_step: buf is initialised to the gradient, as PyTorch does. */          \
     template <typename T>                                                           \
     void sgd_step(T* p, const T* g, T* buf, idx size, T lr, T momentum,             \
                   T dampening, T weight_decay, bool nesterov, bool first_step,     \
                   int nthreads);                                                    \
     /* One torch.optim.Adam (decoupled == false) or AdamW (decoupled == true)       \
-       step; step counts from 1. m and v are the moment buffers. */                \
+       step; step counts from 1. m and v are the moment buffers. The scalars       \
+       come in double, as PyTorch's Python floats: 1 - beta2 rounded from double   \
+       (not from a float beta2) keeps v within an ulp of PyTorch's in float32. */  \
     template <typename T>                                                           \
-    void adam_step(T* p, const T* g, T* m, T* v, idx size, T lr, T beta1, T beta2,  \
-                   T eps, T weight_decay, bool decoupled, std::int64_t step,        \
-                   int nthreads);                                                   \
+    void adam_step(T* p, const T* g, T* m, T* v, idx size, double lr, double beta1,  \
+                   double beta2, double eps, double weight_decay, bool decoupled,   \
+                   std::int64_t step, int nthreads);                                \
     }
 
 CHAINRULE_DECLARE_KERNELS(scalar)

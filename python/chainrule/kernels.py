@@ -15,7 +15,8 @@ Conventions
 * Non-contiguous or Fortran-ordered inputs are copied, so they give the same
   result as contiguous ones. ``out=`` (and ``grad=``, ``gx=``...) buffers are
   written in place and must be C-contiguous with the exact dtype and shape.
-* Results are bit-identical for any :func:`set_num_threads` count.
+* Results are bit-identical for any :func:`set_num_threads` count (NaN
+  payloads aside: the sign bit of a NaN may differ).
 
 Functions
 ---------
