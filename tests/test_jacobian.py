@@ -90,7 +90,7 @@ def test_layer_jacobian_matches_the_closed_form(name, rng):
 def test_jacobian_errors():
     with pytest.raises(ValueError, match=r"jacobian: layout must be 'numerator' or 'lecture'; got 'row'"):
         cr.jacobian(_small_net(), np.ones(3), layout="row")
-    with pytest.raises(ValueError, match=r"jacobian: x\.shape is \(1, 2\); expected \(n, d_in\) with d_in = 3"):
+    with pytest.raises(ValueError, match=r"jacobian: x has 2 features per sample; the model expects d_in = 3 \(x\.shape is \(1, 2\)\)"):
         cr.jacobian(_small_net(), np.ones(2))
     with pytest.raises(ValueError, match=r"jacobian_chain: x must be one sample of shape \(n_in,\); got shape \(2, 3\)"):
         cr.jacobian_chain(_small_net(), np.ones((2, 3)))

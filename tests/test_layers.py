@@ -210,7 +210,7 @@ def test_empty_batch_gives_empty_output():
 
 def test_layer_errors():
     model = cr.Sequential(cr.Dense(2, 3), cr.Tanh())
-    with pytest.raises(ValueError, match=r"Sequential\.forward: x\.shape is \(4, 3\); expected \(n, d_in\) with d_in = 2"):
+    with pytest.raises(ValueError, match=r"Sequential\.forward: x has 3 features per sample; the model expects d_in = 2 \(x\.shape is \(4, 3\)\)"):
         model(np.ones((4, 3)))
     with pytest.raises(ValueError, match=r"Sequential\.forward: x must be 2-D of shape \(n, 2\); got shape \(2,\)"):
         model(np.ones(2))

@@ -284,17 +284,19 @@ class Layer:
             p._set_dtype(dtype)
 
     # -- the public pass ---------------------------------------------------
-    def _check_x(self, x: ArrayLike, where: str) -> np.ndarray:
+    def _check_x(self, x: ArrayLike, where: str, what: str = "x") -> np.ndarray:
+        """Numbers, 2-D, the layer's feature count; converted to its dtype, C-contiguous."""
         x = np.asarray(x)
         if x.dtype.kind not in "fiub":
-            raise TypeError(f"{where}: x must hold numbers; got dtype {x.dtype}")
+            raise TypeError(f"{where}: {what} must hold numbers; got dtype {x.dtype}")
         d_in = self.d_in
         if x.ndim != 2:
             want = f"(n, {d_in})" if d_in is not None else "(n, d)"
-            raise ValueError(f"{where}: x must be 2-D of shape {want}; got shape {x.shape}")
+            raise ValueError(f"{where}: {what} must be 2-D of shape {want}; got shape {x.shape}")
         if d_in is not None and x.shape[1] != d_in:
             raise ValueError(
-                f"{where}: x.shape is {x.shape}; expected (n, d_in) with d_in = {d_in} features"
+                f"{where}: {what} has {x.shape[1]} features per sample; the model expects "
+                f"d_in = {d_in} ({what}.shape is {x.shape})"
             )
         return np.ascontiguousarray(x, dtype=self._dtype)
 

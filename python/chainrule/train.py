@@ -72,22 +72,10 @@ class ConvergenceWarning(UserWarning):
 
 
 def _check_X(X: ArrayLike, model: Layer, where: str, what: str = "X") -> np.ndarray:
-    """2-D, non-empty, finite, the model's feature count, converted to its dtype."""
-    X = np.asarray(X)
-    if X.dtype.kind not in "fiub":
-        raise TypeError(f"{where}: {what} must hold numbers; got dtype {X.dtype}")
-    d_in = model.d_in
-    if X.ndim != 2:
-        want = f"(n, {d_in})" if d_in is not None else "(n, d)"
-        raise ValueError(f"{where}: {what} must be 2-D of shape {want}; got shape {X.shape}")
+    """The layer's checks (numbers, 2-D, feature count, dtype), plus non-empty and finite."""
+    X = model._check_x(X, where, what)
     if X.shape[0] == 0:
         raise ValueError(f"{where}: {what} is empty (0 samples); need at least one")
-    if d_in is not None and X.shape[1] != d_in:
-        raise ValueError(
-            f"{where}: {what} has {X.shape[1]} features per sample; the model expects d_in = {d_in} "
-            f"({what}.shape is {X.shape})"
-        )
-    X = np.ascontiguousarray(X, dtype=model.dtype)
     bad = _first_non_finite(X)
     if bad is not None:
         raise ValueError(f"{where}: {what} contains NaN or inf (first at row {bad[0]}, column {bad[1]})")
