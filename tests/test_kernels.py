@@ -131,6 +131,26 @@ def test_gemm_matches_reference(isa, m, n, k, trans_a, trans_b, dtype, rng):
     assert_close(c, ref, dtype, k=k, scale=gemm_scale(a, b, trans_a=trans_a, trans_b=trans_b))
 
 
+# Shapes too big for the direct path, so they go through packing: K blocks
+# whose depth is not a multiple of the vector width (1001 -> 336, 336, 329),
+# a k tail of 1 (257), exactly one and a partial MR-row sliver, a partial
+# NR-column sliver.
+PACKED_SHAPES = [(29, 70, 1001), (301, 299, 257), (14, 1000, 70), (13, 1000, 70)]
+
+
+@pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES, ids=TRANS_IDS)
+@pytest.mark.parametrize("m, n, k", PACKED_SHAPES)
+def test_gemm_packed_path_edges(isa, m, n, k, trans_a, trans_b, dtype, rng):
+    a, b = _ab(rng, m, n, k, trans_a, trans_b, dtype)
+    c0 = random(rng, (m, n), dtype)
+    out = c0.copy()
+    K.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=-0.5, beta=0.25, out=out)
+    ref = R.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=-0.5, beta=0.25,
+                 out=c0.astype(np.float64))
+    scale = gemm_scale(a, b, trans_a=trans_a, trans_b=trans_b, alpha=-0.5, beta=0.25, c=c0)
+    assert_close(out, ref, dtype, k=k, scale=scale)
+
+
 @pytest.mark.parametrize("alpha", [1.0, -0.5, 2.5, 0.0])
 @pytest.mark.parametrize("beta", [0.0, 1.0, -0.7])
 @pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES, ids=TRANS_IDS)

@@ -64,6 +64,18 @@ void pack_b_panel(bool trans_b, const T* b, idx ldb, idx p0, idx kc, idx j0, idx
         return;
     }
     // B is stored (n, k): each column of a sliver is a contiguous row of B.
+    if constexpr (MicroKernel<T>::kSimdPack) {
+        // In-register transposes of W x W blocks; the padding columns zeroed.
+        for (idx s = 0; s * NR < nc; ++s) {
+            const int nr = int(min_i(NR, nc - s * NR));
+            T* ds = dst + s * kc * NR;
+            MicroKernel<T>::pack_transpose(b + (j0 + s * NR) * ldb + p0, ldb, nr, kc, ds, NR);
+            if (nr < NR)
+                for (idx p = 0; p < kc; ++p)
+                    for (int j = nr; j < NR; ++j) ds[p * NR + j] = T(0);
+        }
+        return;
+    }
     // Strips of one cache line of k per row keep each line's reads in one
     // burst (the NR rows may share an L1 set) and the writes within a few lines.
     constexpr int L = 64 / sizeof(T);
@@ -87,6 +99,15 @@ void pack_b_panel(bool trans_b, const T* b, idx ldb, idx p0, idx kc, idx j0, idx
 // op(A)[i0:i0+mr, p0:p0+kc] -> dst, kc columns of MR values, rows mr..MR zero.
 template <typename T, int MR>
 void pack_a_sliver(bool trans_a, const T* a, idx lda, idx i0, idx mr, idx p0, idx kc, T* dst) {
+    if constexpr (MicroKernel<T>::kSimdPack) {
+        if (mr == MR) {
+            if (trans_a)
+                MicroKernel<T>::pack_copy(a + p0 * lda + i0, lda, MR, kc, dst);
+            else
+                MicroKernel<T>::pack_transpose(a + i0 * lda + p0, lda, MR, kc, dst, MR);
+            return;
+        }
+    }
     if (trans_a) {
         // A is stored (k, m): each packed column is contiguous in A.
         const T* src = a + p0 * lda + i0;
@@ -153,7 +174,7 @@ void gemm_blocked(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, cons
     using MK = MicroKernel<T>;
     constexpr int MR = MK::MR;
     constexpr int NR = MK::NR;
-    const idx kc_blk = balanced_block(k, MK::KC, 8);
+    const idx kc_blk = balanced_block(k, MK::KC, 64 / sizeof(T));
     const idx nc_blk = balanced_block(n, nc_cap, NR);
     const bool elementwise_act = ep.act != Act::identity;
 
@@ -478,20 +499,20 @@ void gemm_driver(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const
     const idx nc_max = min_i(NR * (split_n ? ceil_div(n_slivers, nt) : n_slivers), MK::NC);
     constexpr idx align = 64 / sizeof(T);
     const idx b_size = round_up(kc_max * nc_max, align), a_size = round_up(kc_max * MR, align);
-    detail::Scratch<T> scratch(std::size_t((b_size + a_size) * nt));
-    if (!scratch.ptr) {
+    T* const scratch = detail::thread_scratch<T>(std::size_t((b_size + a_size) * nt));
+    if (!scratch) {
         gemm_on_stack<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep);
         return;
     }
 
     if (nt <= 1) {
         gemm_blocked<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep, MK::NC,
-                        scratch.ptr, scratch.ptr + b_size);
+                        scratch, scratch + b_size);
         return;
     }
 #pragma omp parallel for num_threads(int(nt)) schedule(static, 1)
     for (idx t = 0; t < nt; ++t) {
-        T* bpanel = scratch.ptr + (b_size + a_size) * t;
+        T* bpanel = scratch + (b_size + a_size) * t;
         T* asliver = bpanel + b_size;
         if (split_n) {
             const idx j0 = NR * (n_slivers * t / nt), j1 = min_i(n, NR * (n_slivers * (t + 1) / nt));

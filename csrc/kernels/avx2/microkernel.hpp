@@ -140,6 +140,7 @@ struct MicroKernel {
     // type and rows per tile (MRD x 2 vectors: 12 accumulators, as above).
     using V = micro::Vec<T>;
     static constexpr bool kDirect = true;
+    static constexpr bool kSimdPack = false;  // generic packing loops (gemm_impl.hpp)
     static constexpr int MRD = 6;
 
     // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr]

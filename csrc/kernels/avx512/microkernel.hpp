@@ -86,6 +86,9 @@ inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T*
 
 #pragma GCC unroll 4
     for (idx p = 0; p < kc; ++p) {
+        // The B sliver streams from L2 (only A stays in L1): fetch 8 k steps ahead.
+        _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W + W), _MM_HINT_T0);
         const reg b0 = V::load(b);
         const reg b1 = V::load(b + W);
 #pragma GCC unroll 14
@@ -123,6 +126,105 @@ inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T*
     }
 }
 
+
+// ---------------------------------------------------------------- packing
+//
+// In-register transposes for packing (gemm_impl.hpp): a transposed operand
+// is W rows x W columns at a time, W loads, a fixed shuffle network and W
+// stores, instead of one scalar load and store per value.
+
+// r[i] lane q -> r[q] lane i, 16 x 16 floats (64 shuffles).
+inline void transpose(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4j + e], 128-bit lane L: rows 4j..4j+3 of column 4L + e.
+    __m512 u[16];
+    for (int j = 0; j < 4; ++j) {
+        const __m512d a = _mm512_castps_pd(t[4 * j]), b = _mm512_castps_pd(t[4 * j + 2]);
+        const __m512d c = _mm512_castps_pd(t[4 * j + 1]), d = _mm512_castps_pd(t[4 * j + 3]);
+        u[4 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+        u[4 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        u[4 * j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+        u[4 * j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+    }
+    // A 4 x 4 transpose of 128-bit lanes for each e.
+    for (int e = 0; e < 4; ++e) {
+        const __m512 x0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44);
+        const __m512 x1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xEE);
+        const __m512 x2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44);
+        const __m512 x3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xEE);
+        r[e] = _mm512_shuffle_f32x4(x0, x2, 0x88);
+        r[4 + e] = _mm512_shuffle_f32x4(x0, x2, 0xDD);
+        r[8 + e] = _mm512_shuffle_f32x4(x1, x3, 0x88);
+        r[12 + e] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
+    }
+}
+
+// The same for 8 x 8 doubles (24 shuffles).
+inline void transpose(__m512d r[8]) {
+    __m512d t[8];
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i], r[2 * i + 1]);
+    }
+    // t[2i + e], 128-bit lane L: rows 2i, 2i+1 of column 2L + e.
+    for (int e = 0; e < 2; ++e) {
+        const __m512d x0 = _mm512_shuffle_f64x2(t[e], t[2 + e], 0x44);
+        const __m512d x1 = _mm512_shuffle_f64x2(t[e], t[2 + e], 0xEE);
+        const __m512d x2 = _mm512_shuffle_f64x2(t[4 + e], t[6 + e], 0x44);
+        const __m512d x3 = _mm512_shuffle_f64x2(t[4 + e], t[6 + e], 0xEE);
+        r[e] = _mm512_shuffle_f64x2(x0, x2, 0x88);
+        r[2 + e] = _mm512_shuffle_f64x2(x0, x2, 0xDD);
+        r[4 + e] = _mm512_shuffle_f64x2(x1, x3, 0x88);
+        r[6 + e] = _mm512_shuffle_f64x2(x1, x3, 0xDD);
+    }
+}
+
+// dst[p * ldd + j] = src[j * lds + p] for j < rows, p < kc: `rows` (<= ldd)
+// strided source rows become kc destination rows, in blocks of W x W.
+// Destination lanes rows..ldd-1 of each row are left alone (callers zero
+// them or overwrite them).
+template <typename T>
+inline void transpose_rows(const T* src, idx lds, int rows, idx kc, T* dst, idx ldd) {
+    using V = Vec<T>;
+    using reg = typename V::reg;
+    constexpr int W = V::W;
+    idx p0 = 0;
+    for (; p0 + W <= kc; p0 += W) {
+        for (int g = 0; g < rows; g += W) {
+            const int gr = rows - g < W ? rows - g : W;
+            const typename V::mask km = V::first(gr);
+            reg r[W];
+            for (int q = 0; q < W; ++q)
+                r[q] = q < gr ? V::load(src + (g + q) * lds + p0) : V::zero();
+            transpose(r);
+            T* d = dst + p0 * ldd + g;
+            for (int q = 0; q < W; ++q) V::store(km, d + q * ldd, r[q]);
+        }
+    }
+    for (; p0 < kc; ++p0)
+        for (int j = 0; j < rows; ++j) dst[p0 * ldd + j] = src[j * lds + p0];
+}
+
+// dst[p * n + j] = src[p * lds + j], j < n (n <= 2 W): rows copied with masks.
+template <typename T>
+inline void copy_rows(const T* src, idx lds, int n, idx kc, T* dst) {
+    using V = Vec<T>;
+    constexpr int W = V::W;
+    const typename V::mask k0 = V::first(n), k1 = V::first(n - W);
+    if (n > W) {
+        for (idx p = 0; p < kc; ++p) {
+            V::store(dst + p * n, V::load(src + p * lds));
+            V::store(k1, dst + p * n + W, V::load(k1, src + p * lds + W));
+        }
+    } else {
+        for (idx p = 0; p < kc; ++p) V::store(k0, dst + p * n, V::load(k0, src + p * lds));
+    }
+}
+
 }  // namespace micro
 
 // Traits consumed by gemm_impl.hpp. The KC x MR sliver of A stays in L1
@@ -132,16 +234,29 @@ template <typename T>
 struct MicroKernel {
     static constexpr int MR = 14;
     static constexpr int NR = 2 * micro::Vec<T>::W;
-    // float: A sliver 14 x 384 x 4 B = 21 KiB, B panel 384 x 768 x 4 B = 1.1 MiB;
-    // double: 14 x 256 x 8 B = 28 KiB and 256 x 512 x 8 B = 1 MiB.
-    static constexpr idx KC = sizeof(T) == 4 ? 384 : 256;
-    static constexpr idx NC = sizeof(T) == 4 ? 768 : 512;
+    // float: A sliver 14 x 256 x 4 B = 14 KiB, B panel 256 x 1024 x 4 B = 1 MiB
+    // (a 1024-wide layer packs A once); double: 14 x 256 x 8 B = 28 KiB and
+    // 256 x 512 x 8 B = 1 MiB. KC 256 and 384 measured within noise of each
+    // other; 256 leaves L1 room for the B sliver streaming past A.
+    static constexpr idx KC = sizeof(T) == 4 ? 256 : 256;
+    static constexpr idx NC = sizeof(T) == 4 ? 1024 : 512;
 
     // The unpacked small-problem path (gemm_impl.hpp, direct_tile): vector
     // type and rows per tile (MRD x 2 vectors: 28 accumulators, as above).
     using V = micro::Vec<T>;
     static constexpr bool kDirect = true;
     static constexpr int MRD = 14;
+
+    // SIMD packing (see gemm_impl.hpp, pack_a_sliver and pack_b_panel):
+    // dst[p * ldd + j] = src[j * lds + p] (transpose), or row copies of n
+    // values (copy).
+    static constexpr bool kSimdPack = true;
+    static void pack_transpose(const T* src, idx lds, int rows, idx kc, T* dst, idx ldd) {
+        micro::transpose_rows<T>(src, lds, rows, kc, dst, ldd);
+    }
+    static void pack_copy(const T* src, idx lds, int n, idx kc, T* dst) {
+        micro::copy_rows<T>(src, lds, n, kc, dst);
+    }
 
     // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr]
     // with {alpha, beta} = alpha_beta[0:2]: passed in memory so that the

@@ -17,6 +17,7 @@ struct MicroKernel {
     static constexpr idx NC = sizeof(T) == 4 ? 512 : 256;
     // No unpacked small-problem path: the scalar ISA always packs.
     static constexpr bool kDirect = false;
+    static constexpr bool kSimdPack = false;  // generic packing loops (gemm_impl.hpp)
 
     // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr],
     // {alpha, beta} = alpha_beta[0:2].
