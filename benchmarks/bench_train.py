@@ -81,11 +81,11 @@ def worker_chainrule(name, inference):
         return lambda i: plan.forward(flat, x, out=out)
     loss_name = "softmax_cross_entropy" if loss == "ce" else "binary_cross_entropy"
     step_fn = plan.train_step
-    sgd = kernels.sgd_step
+    update = {"kind": "sgd", "lr": LR}
 
     def step(i):
-        step_fn(flat, grads, x, y, loss=loss_name, indices=batches[i % N_BATCHES])
-        sgd(flat, grads, None, lr=LR)
+        # One native call: gather, forward, loss, backward and the SGD update.
+        step_fn(flat, grads, x, y, loss=loss_name, indices=batches[i % N_BATCHES], update=update)
     return step
 
 

@@ -83,10 +83,11 @@ double sum_squares(const T* v, idx size) {
 }  // namespace
 
 template <typename T>
-double MlpPlan<T>::train_step(const T* params, T* grads, const T* x, idx rows,
+double MlpPlan<T>::train_step(T* params, T* grads, const T* x, idx rows,
                               const std::int64_t* indices, idx n, const void* targets,
                               const T* weights, LossKind loss, double scale, double l2,
-                              bool accumulate, double* grad_norms, int nthreads) {
+                              bool accumulate, double* grad_norms, int nthreads,
+                              const FusedUpdate<T>* update) {
     std::lock_guard<std::mutex> lock(mutex_);
     (void)rows;
     const auto& K = kernels<T>();
@@ -165,6 +166,13 @@ double MlpPlan<T>::train_step(const T* params, T* grads, const T* x, idx rows,
         gb[l] = g + d[l - 1] * d[l];
         g = gb[l] + d[l];
     }
+    const T l2t = static_cast<T>(l2);
+    if (l2 != 0.0) {
+        double sq = 0.0;
+        for (size_t l = 1; l <= L; ++l) sq += sum_squares(w[l], d[l - 1] * d[l]);
+        value += 0.5 * l2 * sq;
+    }
+    if (update && !std::isfinite(value)) update = nullptr;  // keep the weights of before
     for (size_t l = L; l >= 1; --l) {
         T* gx = l > 1 ? ga : nullptr;
         // gx is scratch and always overwritten; only gw and gb accumulate.
@@ -181,24 +189,29 @@ double MlpPlan<T>::train_step(const T* params, T* grads, const T* x, idx rows,
                              nthreads);
             std::swap(gz, ga);
         }
-    }
-
-    if (l2 != 0.0) {
-        const T l2t = static_cast<T>(l2);
-        double sq = 0.0;
-        for (size_t l = 1; l <= L; ++l) {
+        // Layer l's gradient is final: the L2 term, its norm, then (fused) its update.
+        const idx w_size = d[l - 1] * d[l];
+        if (l2 != 0.0) {
             const T* wl = w[l];
             T* gl = gw[l];
-            const idx size = d[l - 1] * d[l];
-            for (idx i = 0; i < size; ++i) gl[i] += l2t * wl[i];
-            sq += sum_squares(wl, size);
+            for (idx i = 0; i < w_size; ++i) gl[i] += l2t * wl[i];
         }
-        value += 0.5 * l2 * sq;
-    }
-    if (grad_norms) {
-        for (size_t l = 1; l <= L; ++l) {
-            // dW then db, one run
-            grad_norms[l - 1] += std::sqrt(sum_squares(gw[l], d[l - 1] * d[l] + d[l]));
+        if (grad_norms) grad_norms[l - 1] += std::sqrt(sum_squares(gw[l], w_size + d[l]));
+        if (update) {
+            // W_l and b_l are one run of the flat buffer, as are their state slices.
+            const idx off = static_cast<idx>(w[l] - params);
+            T* pl = params + off;
+            const T* gl = gw[l];
+            const FusedUpdate<T>& u = *update;
+            T* s0 = u.state0 ? u.state0 + off : nullptr;
+            T* s1 = u.state1 ? u.state1 + off : nullptr;
+            if (u.kind == FusedUpdate<T>::Kind::sgd) {
+                K.sgd_step(pl, gl, s0, w_size + d[l], T(u.lr), T(u.momentum), T(u.dampening),
+                           T(u.weight_decay), u.nesterov, u.first_step, nthreads);
+            } else {
+                K.adam_step(pl, gl, s0, s1, w_size + d[l], u.lr, u.beta1, u.beta2, u.eps,
+                            u.weight_decay, u.decoupled, u.step, nthreads);
+            }
         }
     }
     return value;

@@ -22,6 +22,25 @@ enum class LossKind : int {
     squared_error = 2,          // targets (n, k); loss = scale * sum w_i (p - t)^2
 };
 
+// An optimizer step fused into train_step (see MlpPlan::train_step). The
+// state buffers have the parameters' flat layout: SGD's momentum buffer
+// (null without momentum), Adam's exp_avg and exp_avg_sq.
+template <typename T>
+struct FusedUpdate {
+    enum class Kind : int { sgd = 0, adam = 1 } kind = Kind::sgd;
+    double lr = 0.0;
+    double weight_decay = 0.0;
+    // SGD
+    double momentum = 0.0, dampening = 0.0;
+    bool nesterov = false, first_step = false;
+    // Adam (step counts from 1)
+    double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+    bool decoupled = false;
+    std::int64_t step = 1;
+    T* state0 = nullptr;
+    T* state1 = nullptr;
+};
+
 struct MlpShape {
     std::vector<idx> dims;     // d_0 (inputs) ... d_L (outputs)
     std::vector<Act> acts;     // L activations; acts[L-1] applies at inference only
@@ -46,9 +65,19 @@ class MlpPlan {
     // grad_norms (L, nullable): adds each layer's ||(dW, db)||_2 (partial sums
     // in T per block, blocks added in double), so the per-layer gradient norms
     // cost no extra pass from Python.
-    double train_step(const T* params, T* grads, const T* x, idx rows, const std::int64_t* indices,
+    //
+    // update (nullable): also take one optimizer step, layer by layer during
+    // backward: W_l and b_l are updated as soon as their gradient is final
+    // (after the gradient with respect to the layer's input has used the old
+    // W_l), while they and the gradient are still in cache. The arithmetic is
+    // that of sgd_step / adam_step over the whole flat buffer afterwards, bit
+    // for bit. Skipped when the loss is not finite, so the parameters stay
+    // those before the batch. params must then be writable; accumulate must
+    // be false (the binding checks).
+    double train_step(T* params, T* grads, const T* x, idx rows, const std::int64_t* indices,
                       idx n, const void* targets, const T* weights, LossKind loss, double scale,
-                      double l2, bool accumulate, double* grad_norms, int nthreads);
+                      double l2, bool accumulate, double* grad_norms, int nthreads,
+                      const FusedUpdate<T>* update = nullptr);
 
     // Inference: out (n, d_L) = the network applied to x (n, d_0), with the
     // output activation acts[L-1] (softmax for probabilities, say).

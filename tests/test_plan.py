@@ -190,3 +190,170 @@ def test_compile_plan_declines_what_it_cannot_run():
     two_slopes = cr.Sequential(cr.Dense(4, 4), cr.LeakyReLU(0.1), cr.Dense(4, 4),
                                cr.LeakyReLU(0.2), cr.Dense(4, 1), seed=0)
     assert plan_mod.compile_plan(two_slopes, cr.MSE(), np.zeros(3)) is None
+
+
+# ------------------------------------------------------------ fused update
+def _rules(state):
+    """(update dict for the plan, the same step through the kernels) pairs."""
+    m, v = state
+
+    def sgd_k(P, G, step):
+        cr.kernels.sgd_step(P, G, None, lr=0.1, weight_decay=1e-3)
+
+    def sgdm_k(P, G, step):
+        cr.kernels.sgd_step(P, G, m[1], lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-3,
+                            first_step=step == 0)
+
+    def nesterov_k(P, G, step):
+        cr.kernels.sgd_step(P, G, m[1], lr=0.1, momentum=0.8, nesterov=True,
+                            first_step=step == 0)
+
+    def adam_k(P, G, step):
+        cr.kernels.adam_step(P, G, m[1], v[1], step=step + 1, lr=0.01, beta1=0.8, beta2=0.99,
+                             eps=1e-6, weight_decay=0.01)
+
+    def adamw_k(P, G, step):
+        cr.kernels.adam_step(P, G, m[1], v[1], step=step + 1, lr=0.01, weight_decay=0.1,
+                             decoupled=True)
+
+    return {
+        "sgd": (lambda s: {"kind": "sgd", "lr": 0.1, "weight_decay": 1e-3}, sgd_k),
+        "sgd-momentum": (lambda s: {"kind": "sgd", "lr": 0.1, "momentum": 0.9, "dampening": 0.1,
+                                    "weight_decay": 1e-3, "first_step": s == 0,
+                                    "momentum_buffer": m[0]}, sgdm_k),
+        "nesterov": (lambda s: {"kind": "sgd", "lr": 0.1, "momentum": 0.8, "nesterov": True,
+                                "first_step": s == 0, "momentum_buffer": m[0]}, nesterov_k),
+        "adam": (lambda s: {"kind": "adam", "lr": 0.01, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6,
+                            "weight_decay": 0.01, "step": s + 1, "exp_avg": m[0],
+                            "exp_avg_sq": v[0]}, adam_k),
+        "adamw": (lambda s: {"kind": "adam", "lr": 0.01, "weight_decay": 0.1, "decoupled": True,
+                             "step": s + 1, "exp_avg": m[0], "exp_avg_sq": v[0]}, adamw_k),
+    }
+
+
+@pytest.mark.parametrize("rule", ["sgd", "sgd-momentum", "nesterov", "adam", "adamw"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_update_is_bit_identical_to_the_kernels_afterwards(rule, dtype, threads):
+    """train_step(update=...) == train_step, then sgd_step/adam_step on the flat buffers."""
+    rng = np.random.default_rng(2)
+    # 300 x 256 takes the packed GEMM and two threads; the 33 and 17 wide layers do not.
+    dims = [300, 256, 33, 17]
+    plan = _core.MLPPlan(dims, ["relu", "tanh", "identity"], np.dtype(dtype).name)
+    P1 = (rng.standard_normal(plan.n_params) * 0.05).astype(dtype)
+    P2 = P1.copy()
+    G1, G2 = np.zeros_like(P1), np.zeros_like(P1)
+    m = [np.zeros_like(P1), np.zeros_like(P1)]
+    v = [np.zeros_like(P1), np.zeros_like(P1)]
+    make, kernel_step = _rules((m, v))[rule]
+    X = rng.standard_normal((200, 300)).astype(dtype)
+    y = rng.integers(0, 17, 200)
+    start = P1.copy()
+    cr.set_num_threads(threads)  # restored by conftest
+    for step in range(3):
+        idx = rng.permutation(200)[:64]
+        n1, n2 = np.zeros(3), np.zeros(3)
+        l1 = plan.train_step(P1, G1, X, y, loss="softmax_cross_entropy", indices=idx, l2=1e-3,
+                             grad_norms=n1, update=make(step))
+        l2 = plan.train_step(P2, G2, X, y, loss="softmax_cross_entropy", indices=idx, l2=1e-3,
+                             grad_norms=n2)
+        kernel_step(P2, G2, step)
+        assert l1 == l2 and bits_equal(n1, n2) and bits_equal(G1, G2)
+        assert bits_equal(P1, P2) and bits_equal(m[0], m[1]) and bits_equal(v[0], v[1])
+    assert np.mean(P1 != start) > 0.999  # the steps were taken (one value may come back)
+
+
+def test_fused_update_is_skipped_when_the_loss_is_not_finite():
+    dims = [3, 4, 2]
+    plan = _core.MLPPlan(dims, ["tanh", "identity"], "float64")
+    P = np.full(plan.n_params, 0.1)
+    P[-2:] = np.inf  # b2: the logits and the loss are not finite
+    before = P.copy()
+    G = np.zeros_like(P)
+    X = np.ones((5, 3))
+    y = np.zeros(5, np.int64)
+    value = plan.train_step(P, G, X, y, loss="softmax_cross_entropy",
+                            update={"kind": "sgd", "lr": 0.1})
+    assert not np.isfinite(value)
+    assert bits_equal(P, before)
+
+
+def test_fused_update_bad_input_is_rejected_with_a_message():
+    plan = _core.MLPPlan([3, 4, 2], ["tanh", "identity"], "float64")
+    P, G = np.zeros(plan.n_params), np.zeros(plan.n_params)
+    buf = np.zeros(plan.n_params)
+    X, y = np.zeros((5, 3)), np.zeros(5, np.int64)
+
+    def step(update, **kw):
+        args = {"params": P, "grads": G, "x": X, "targets": y, "loss": "softmax_cross_entropy",
+                "update": update, **kw}
+        return plan.train_step(**args)
+
+    with pytest.raises(TypeError, match="update is a list; expected a dict"):
+        step([("kind", "sgd")])
+    with pytest.raises(ValueError, match="needs 'kind'"):
+        step({"lr": 0.1})
+    with pytest.raises(ValueError, match="update\\['kind'\\] is 'rmsprop'; expected 'sgd' or 'adam'"):
+        step({"kind": "rmsprop", "lr": 0.1})
+    with pytest.raises(ValueError, match="unknown key 'momentun'"):
+        step({"kind": "sgd", "lr": 0.1, "momentun": 0.9})
+    with pytest.raises(ValueError, match="unknown key 'beta1' for kind 'sgd'"):
+        step({"kind": "sgd", "lr": 0.1, "beta1": 0.9})
+    with pytest.raises(ValueError, match="update\\['lr'\\] must be finite; got nan"):
+        step({"kind": "sgd", "lr": float("nan")})
+    with pytest.raises(TypeError, match="update\\['lr'\\] must be a number; got str"):
+        step({"kind": "sgd", "lr": "0.1"})
+    with pytest.raises(TypeError, match="update\\['nesterov'\\] must be a bool; got int"):
+        step({"kind": "sgd", "lr": 0.1, "nesterov": 1})
+    with pytest.raises(ValueError, match="needs 'momentum_buffer', a flat float64 array of 26"):
+        step({"kind": "sgd", "lr": 0.1, "momentum": 0.9})
+    with pytest.raises(ValueError, match=r"update\['momentum_buffer'\].shape is \(3,\); expected \(26,\)"):
+        step({"kind": "sgd", "lr": 0.1, "momentum": 0.9, "momentum_buffer": np.zeros(3)})
+    with pytest.raises(TypeError, match=r"update\['exp_avg'\].dtype is float32; expected float64"):
+        step({"kind": "adam", "lr": 0.1, "exp_avg": buf.astype(np.float32), "exp_avg_sq": buf})
+    with pytest.raises(ValueError, match="update\\['momentum_buffer'\\] shares memory with params"):
+        step({"kind": "sgd", "lr": 0.1, "momentum": 0.9, "momentum_buffer": P})
+    with pytest.raises(ValueError, match="update\\['exp_avg'\\] shares memory with update\\['exp_avg_sq'\\]"):
+        step({"kind": "adam", "lr": 0.1, "exp_avg": buf, "exp_avg_sq": buf})
+    with pytest.raises(ValueError, match="update\\['step'\\] must be >= 1; got 0"):
+        step({"kind": "adam", "lr": 0.1, "step": 0, "exp_avg": buf, "exp_avg_sq": buf.copy()})
+    with pytest.raises(TypeError, match="update\\['step'\\] must be an int; got float"):
+        step({"kind": "adam", "lr": 0.1, "step": 1.0, "exp_avg": buf, "exp_avg_sq": buf.copy()})
+    with pytest.raises(ValueError, match="accumulate=True with an update"):
+        step({"kind": "sgd", "lr": 0.1}, accumulate=True)
+    frozen = P.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="params is read-only"):
+        step({"kind": "sgd", "lr": 0.1}, params=frozen)
+    # Nothing was written by any of the rejected calls.
+    assert not P.any() and not buf.any()
+
+
+def test_fit_fuses_sgd_and_adam_but_not_a_custom_rule(monkeypatch):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 64)
+    seen = []
+    real = plan_mod.TrainPlan.step
+
+    def spy(self, *args):
+        seen.append(args[-1] is not None)
+        return real(self, *args)
+
+    monkeypatch.setattr(plan_mod.TrainPlan, "step", spy)
+
+    class HalfSGD(cr.SGD):
+        def _update(self, p, g, state):
+            cr.kernels.sgd_step(p, g, None, lr=self.lr / 2)
+
+    results = {}
+    for name, make in [("adam", lambda m: cr.Adam(m.parameters(), lr=0.01)),
+                       ("half", lambda m: HalfSGD(m.parameters(), lr=0.1))]:
+        seen.clear()
+        model = _two_layer(3)
+        opt = make(model)
+        cr.fit(model, X, y, loss=cr.CrossEntropy(), optimizer=opt, epochs=2, batch_size=16,
+               seed=1, progress=False)
+        results[name] = (set(seen), opt.steps)
+    assert results["adam"] == ({True}, 8)
+    assert results["half"] == ({False}, 8)

@@ -4,8 +4,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "../plan.hpp"
 #include "checks.hpp"
@@ -35,6 +38,113 @@ LossKind loss_from_name(const std::string& name) {
     if (name == "squared_error") return LossKind::squared_error;
     value_error("MLPPlan.train_step: loss is '" + name +
                 "'; expected softmax_cross_entropy, binary_cross_entropy or squared_error");
+}
+
+// update= for MLPPlan.train_step: {"kind": "sgd", "lr", "momentum",
+// "dampening", "weight_decay", "nesterov", "first_step", "momentum_buffer"}
+// or {"kind": "adam", "lr", "beta1", "beta2", "eps", "weight_decay",
+// "decoupled", "step", "exp_avg", "exp_avg_sq"}; everything but kind and lr
+// optional, with torch.optim's defaults. Unknown keys are an error (a typo
+// would otherwise train with a default).
+inline std::string type_name(py::handle obj) {
+    return py::str(py::type::of(obj).attr("__name__")).cast<std::string>();
+}
+
+template <typename T>
+void parse_update(const char* fn, py::handle obj, idx n_params, const py::array& params,
+                  const py::array& grads, FusedUpdate<T>& u, py::array_t<T, py::array::c_style>& s0,
+                  py::array_t<T, py::array::c_style>& s1) {
+    if (!py::isinstance<py::dict>(obj)) {
+        type_error(std::string(fn) + ": update is a " + type_name(obj) +
+                   "; expected a dict such as {'kind': 'sgd', 'lr': 0.01}");
+    }
+    py::dict d = py::reinterpret_borrow<py::dict>(obj);
+    if (!d.contains("kind") || !d.contains("lr")) {
+        value_error(std::string(fn) + ": update needs 'kind' ('sgd' or 'adam') and 'lr'");
+    }
+    const std::string kind = py::str(d["kind"]).cast<std::string>();
+    std::vector<std::string> allowed;
+    if (kind == "sgd") {
+        u.kind = FusedUpdate<T>::Kind::sgd;
+        allowed = {"kind", "lr", "momentum", "dampening", "weight_decay", "nesterov", "first_step",
+                   "momentum_buffer"};
+    } else if (kind == "adam") {
+        u.kind = FusedUpdate<T>::Kind::adam;
+        allowed = {"kind", "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled", "step",
+                   "exp_avg", "exp_avg_sq"};
+    } else {
+        value_error(std::string(fn) + ": update['kind'] is '" + kind + "'; expected 'sgd' or 'adam'");
+    }
+    for (auto item : d) {
+        const std::string key = py::str(item.first).cast<std::string>();
+        if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
+            value_error(std::string(fn) + ": update has an unknown key '" + key + "' for kind '" +
+                        kind + "'");
+        }
+    }
+    auto num = [&](const char* key, double dflt) {
+        if (!d.contains(key)) return dflt;
+        double v;
+        try {
+            v = d[key].cast<double>();
+        } catch (const py::cast_error&) {
+            type_error(std::string(fn) + ": update['" + key + "'] must be a number; got " +
+                       type_name(d[key]));
+        }
+        if (!std::isfinite(v)) {
+            value_error(std::string(fn) + ": update['" + key + "'] must be finite; got " +
+                        fmt_double(v));
+        }
+        return v;
+    };
+    auto flag = [&](const char* key) {
+        if (!d.contains(key)) return false;
+        py::object v = d[key];
+        if (!py::isinstance<py::bool_>(v)) {
+            type_error(std::string(fn) + ": update['" + key + "'] must be a bool; got " +
+                       type_name(v));
+        }
+        return v.cast<bool>();
+    };
+    auto buffer = [&](const char* key, py::array_t<T, py::array::c_style>& out) {
+        if (!d.contains(key)) {
+            value_error(std::string(fn) + ": update needs '" + key + "', a flat " + dtype_name<T>() +
+                        " array of " + std::to_string(n_params) + " values");
+        }
+        std::string arg = std::string("update['") + key + "']";
+        out = output<T>(fn, arg.c_str(), d[key], {n_params});
+        check_no_overlap(fn, arg.c_str(), out, {{"params", &params}, {"grads", &grads}});
+        return out.mutable_data();
+    };
+    u.lr = num("lr", 0.0);
+    u.weight_decay = num("weight_decay", 0.0);
+    if (u.kind == FusedUpdate<T>::Kind::sgd) {
+        u.momentum = num("momentum", 0.0);
+        u.dampening = num("dampening", 0.0);
+        u.nesterov = flag("nesterov");
+        u.first_step = flag("first_step");
+        if (u.momentum != 0.0) u.state0 = buffer("momentum_buffer", s0);
+    } else {
+        u.beta1 = num("beta1", 0.9);
+        u.beta2 = num("beta2", 0.999);
+        u.eps = num("eps", 1e-8);
+        u.decoupled = flag("decoupled");
+        if (d.contains("step")) {
+            py::object v = d["step"];
+            if (!py::isinstance<py::int_>(v) || py::isinstance<py::bool_>(v)) {
+                type_error(std::string(fn) + ": update['step'] must be an int; got " +
+                           type_name(v));
+            }
+            u.step = v.cast<std::int64_t>();
+        }
+        if (u.step < 1) {
+            value_error(std::string(fn) + ": update['step'] must be >= 1; got " +
+                        std::to_string(u.step));
+        }
+        u.state0 = buffer("exp_avg", s0);
+        u.state1 = buffer("exp_avg_sq", s1);
+        check_no_overlap(fn, "update['exp_avg']", s0, {{"update['exp_avg_sq']", &s1}});
+    }
 }
 
 class PyPlan {
@@ -86,11 +196,12 @@ class PyPlan {
 
     double train_step(py::handle params, py::handle grads, py::handle x, py::handle targets,
                       const std::string& loss_name, py::handle indices, py::handle weights,
-                      py::handle scale, double l2, bool accumulate, py::handle norms) {
+                      py::handle scale, double l2, bool accumulate, py::handle norms,
+                      py::handle update) {
         if (f32_) return step<float>(*f32_, params, grads, x, targets, loss_name, indices, weights,
-                                     scale, l2, accumulate, norms);
+                                     scale, l2, accumulate, norms, update);
         return step<double>(*f64_, params, grads, x, targets, loss_name, indices, weights, scale,
-                            l2, accumulate, norms);
+                            l2, accumulate, norms, update);
     }
 
     py::object forward(py::handle params, py::handle x, py::handle out) {
@@ -129,14 +240,25 @@ class PyPlan {
     double step(MlpPlan<T>& plan, py::handle p_in, py::handle g_in, py::handle x_in,
                 py::handle t_in, const std::string& loss_name, py::handle idx_in,
                 py::handle w_in, py::handle scale_in, double l2, bool accumulate,
-                py::handle norms_in) {
+                py::handle norms_in, py::handle update_in) {
         const char* fn = "MLPPlan.train_step";
         const MlpShape& s = plan.shape();
         const LossKind loss = loss_from_name(loss_name);
         const idx n_params = s.n_params();
-        auto params = flat<T>(fn, "params", p_in, n_params, false);
+        const bool fused = !update_in.is_none();
+        // With a fused update the parameters are written in place.
+        auto params = flat<T>(fn, "params", p_in, n_params, fused);
         auto grads = flat<T>(fn, "grads", g_in, n_params, true);
         check_no_overlap(fn, "grads", grads, {{"params", &params}});
+        FusedUpdate<T> upd;
+        py::array_t<T, py::array::c_style> state0, state1;
+        if (fused) {
+            if (accumulate) {
+                value_error(std::string(fn) + ": accumulate=True with an update; expected one or "
+                            "the other (an update needs the whole batch's gradient)");
+            }
+            parse_update<T>(fn, update_in, n_params, params, grads, upd, state0, state1);
+        }
         auto x = input<T>(fn, "x", x_in, 2, 2);
         const idx rows = x.shape(0), d0 = s.dims.front(), k = s.dims.back();
         if (x.shape(1) != d0) {
@@ -228,14 +350,15 @@ class PyPlan {
             norms = output<double>(fn, "grad_norms", norms_in,
                                    {static_cast<idx>(s.dims.size() - 1)});
         }
-        const T* pp = params.data();
+        // Read-only params are never written: train_step writes them only with an update.
+        T* pp = const_cast<T*>(params.data());
         T* pg = grads.mutable_data();
         const T* px = x.data();
         const T* pw = w_in.is_none() ? nullptr : w.data();
         double* pn = norms_in.is_none() ? nullptr : norms.mutable_data();
         py::gil_scoped_release nogil;
         return plan.train_step(pp, pg, px, rows, pidx, n, ptarget, pw, loss, scale, l2,
-                               accumulate, pn, num_threads());
+                               accumulate, pn, num_threads(), fused ? &upd : nullptr);
     }
 
     template <typename T>
@@ -285,13 +408,22 @@ gradients use the same layout. Not for concurrent use from several threads
         .def("train_step", &PyPlan::train_step, "params"_a, "grads"_a, "x"_a, "targets"_a,
              py::kw_only(), "loss"_a, "indices"_a = py::none(), "sample_weight"_a = py::none(),
              "scale"_a = py::none(), "l2"_a = 0.0, "accumulate"_a = false, "grad_norms"_a = py::none(),
+             "update"_a = py::none(),
              R"doc(Gather, forward, loss and backward for one mini-batch; returns the loss.
 
 x (rows, d_0) is the whole data set and indices (n,) pick the batch (all rows
 if None). targets: integer labels (rows,) for softmax_cross_entropy, values
 (rows, d_L) otherwise. Loss = scale * sum_i w_i loss_i + l2/2 * sum ||W||^2;
 scale defaults to the mean (over rows, and over outputs for BCE and squared
-error). Writes d loss / d params into grads (adds with accumulate=True).)doc")
+error). Writes d loss / d params into grads (adds with accumulate=True).
+
+update: also take one optimizer step in the same call, each layer's (W, b)
+updated as soon as its gradient is final, bit for bit what sgd_step /
+adam_step on the flat buffers would do afterwards: {'kind': 'sgd', 'lr': ...,
+'momentum', 'dampening', 'weight_decay', 'nesterov', 'first_step',
+'momentum_buffer'} or {'kind': 'adam', 'lr': ..., 'beta1', 'beta2', 'eps',
+'weight_decay', 'decoupled', 'step', 'exp_avg', 'exp_avg_sq'} (buffers flat,
+like params). Skipped if the loss is not finite (params keep their values).)doc")
         .def("forward", &PyPlan::forward, "params"_a, "x"_a, py::kw_only(), "out"_a = py::none(),
              "Inference: out (n, d_L) = the network applied to x (n, d_0).");
 }

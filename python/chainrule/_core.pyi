@@ -1,6 +1,6 @@
 """Type stubs for chainrule._core, the native kernels (see chainrule.kernels)."""
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -84,5 +84,6 @@ class MLPPlan:
                                  "squared_error"],
                    indices: ArrayLike | None = ..., sample_weight: ArrayLike | None = ...,
                    scale: float | None = ..., l2: float = ..., accumulate: bool = ...,
-                   grad_norms: NDArray[np.float64] | None = ...) -> float: ...
+                   grad_norms: NDArray[np.float64] | None = ...,
+                   update: dict[str, Any] | None = ...) -> float: ...
     def forward(self, params: _Array, x: ArrayLike, *, out: _Array | None = ...) -> _Array: ...

@@ -252,6 +252,23 @@ class Optimizer:
                 state: dict[str, np.ndarray]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _fused_update(self, flat_params: np.ndarray) -> dict[str, Any] | None:
+        """This step as an ``update=`` for :meth:`chainrule._core.MLPPlan.train_step`.
+
+        The plan then takes the step inside its native call, each layer as
+        soon as its gradient is final, with the same kernel and the same
+        bits as :meth:`step`; the caller counts it with ``steps += 1``.
+        None when that is not possible: the parameters are not the one flat
+        buffer ``flat_params``, or a subclass changed the update rule.
+        """
+        store = self._flat_store()
+        if store is None or store.data is not flat_params:
+            return None
+        return self._fused_rule()
+
+    def _fused_rule(self) -> dict[str, Any] | None:
+        return None
+
     def hyperparameters(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -361,6 +378,16 @@ class SGD(Optimizer):
                          dampening=self.dampening, weight_decay=self.weight_decay,
                          nesterov=self.nesterov, first_step=self.steps == 0)
 
+    def _fused_rule(self) -> dict[str, Any] | None:
+        if type(self)._update is not SGD._update:
+            return None
+        rule: dict[str, Any] = {"kind": "sgd", "lr": self.lr, "momentum": self.momentum,
+                                "dampening": self.dampening, "weight_decay": self.weight_decay,
+                                "nesterov": self.nesterov, "first_step": self.steps == 0}
+        if self.momentum:
+            rule["momentum_buffer"] = self._state["momentum_buffer"]
+        return rule
+
     def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.base_lr, "momentum": self.momentum, "nesterov": self.nesterov,
                 "weight_decay": self.weight_decay, "dampening": self.dampening}
@@ -418,6 +445,14 @@ class Adam(Optimizer):
         kernels.adam_step(p, g, state["exp_avg"], state["exp_avg_sq"], step=self.steps + 1, lr=self.lr,
                           beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                           weight_decay=self.weight_decay, decoupled=self.decoupled)
+
+    def _fused_rule(self) -> dict[str, Any] | None:
+        if type(self)._update is not Adam._update:
+            return None
+        return {"kind": "adam", "lr": self.lr, "beta1": self.beta1, "beta2": self.beta2,
+                "eps": self.eps, "weight_decay": self.weight_decay, "decoupled": self.decoupled,
+                "step": self.steps + 1, "exp_avg": self._state["exp_avg"],
+                "exp_avg_sq": self._state["exp_avg_sq"]}
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.base_lr, "betas": [self.beta1, self.beta2], "eps": self.eps,

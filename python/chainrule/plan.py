@@ -2,8 +2,9 @@
 
 :func:`fit` trains a plain multilayer perceptron -- ``Dense`` layers with
 biases, each followed by at most one elementwise activation, ending in logits
--- through :class:`chainrule._core.MLPPlan`, which runs gather, forward, loss
-and backward for a whole mini-batch in C++ over preallocated buffers. The
+-- through :class:`chainrule._core.MLPPlan`, which runs gather, forward, loss,
+backward and the optimizer step (SGD or Adam) for a whole mini-batch in C++
+over preallocated buffers. The
 arithmetic is that of the per-layer path (the same kernels in the same
 order), minus the Python between the layers. Any other model trains on the
 per-layer path, which stays the one to read and to step through by hand.
@@ -44,15 +45,19 @@ class TrainPlan:
         self._params, self._grads = model.flat_data, model.flat_grad
 
     def step(self, X: np.ndarray, t: np.ndarray, indices: np.ndarray | None = None,
-             grad_norms: np.ndarray | None = None) -> float:
+             grad_norms: np.ndarray | None = None,
+             update: dict[str, Any] | None = None) -> float:
         """Write d loss / d params for the batch ``X[indices]`` into the model's grads.
 
         Returns the batch loss. ``indices=None`` takes all of ``X``. Each
         Dense layer's gradient norm is added to ``grad_norms`` (float64, one
-        entry per Dense layer) when given.
+        entry per Dense layer) when given. ``update`` (from
+        ``Optimizer._fused_update``) also takes the optimizer step in the
+        same native call, unless the loss is not finite.
         """
         return self.plan.train_step(self._params, self._grads, X, t, loss=self.loss_name,
-                                    indices=indices, scale=self.scale, grad_norms=grad_norms)
+                                    indices=indices, scale=self.scale, grad_norms=grad_norms,
+                                    update=update)
 
 
 def compile_plan(model: Any, loss: _losses.Loss, target: np.ndarray) -> TrainPlan | None:

@@ -802,9 +802,12 @@ def fit(model: Layer, X: ArrayLike, y: ArrayLike, *, loss: _losses.Loss | str | 
                 try:
                     start = b * bs
                     size = min(bs, n - start)
+                    fused = None
                     if fast is not None:
-                        # One native call: gather, forward, loss, backward (see plan.py).
-                        value = fast.step(X, t, idx[start:start + size], norms.sums)
+                        # One native call: gather, forward, loss, backward and, for SGD
+                        # and Adam, the optimizer step (see plan.py).
+                        fused = optimizer._fused_update(fast._params)
+                        value = fast.step(X, t, idx[start:start + size], norms.sums, fused)
                     elif shuffle:
                         bufs = gathered.get(size)
                         if bufs is None:
@@ -829,7 +832,10 @@ def fit(model: Layer, X: ArrayLike, y: ArrayLike, *, loss: _losses.Loss | str | 
                     if fast is None:
                         model._backward(cast(np.ndarray, loss._grad), False, True)
                         norms.add()
-                    optimizer.step()
+                    if fused is None:
+                        optimizer.step()
+                    else:
+                        optimizer.steps += 1  # the plan took the step
                     epoch_total += value * size if loss.reduction == "mean" else value
                     seen += size
                     done += 1
