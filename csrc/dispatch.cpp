@@ -111,7 +111,16 @@ int initial_threads() {
 
 std::atomic<int> g_threads{initial_threads()};
 
+thread_local double g_threshold_scale = 1.0;
+
 }  // namespace
+
+double parallel_threshold_scale() { return g_threshold_scale; }
+
+WarmThreads::WarmThreads(double scale) : previous_(g_threshold_scale) {
+    g_threshold_scale = scale;
+}
+WarmThreads::~WarmThreads() { g_threshold_scale = previous_; }
 
 const KernelTable& table() { return *g_table.load(std::memory_order_acquire); }
 

@@ -33,9 +33,11 @@ constexpr double kParallelFlops = 1.6e7;
 // (2^18 sigmoids take ~180 us; memory-bound ones gain little from 2 threads).
 constexpr idx kParallelElems = 1 << 18;
 
+// Threads for `work`: 1 below the threshold (scaled down inside a WarmThreads,
+// see kernels.hpp), else nthreads.
 inline int threads_for(double work, double threshold, int nthreads) {
-    if (nthreads < 1) return 1;
-    return work < threshold ? 1 : nthreads;
+    if (nthreads <= 1) return 1;
+    return work < threshold * parallel_threshold_scale() ? 1 : nthreads;
 }
 
 // 64-byte aligned scratch memory that frees itself. Returns nullptr on failure;

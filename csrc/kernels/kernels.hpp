@@ -29,6 +29,27 @@ enum class Act : int {
     log_softmax = 6,  // along rows
 };
 
+// Scale on the kernels' parallel thresholds (common.hpp, threads_for) for the
+// calling thread; 1 unless a WarmThreads is alive on it. Defined in dispatch.cpp.
+double parallel_threshold_scale();
+
+// Lowers the parallel thresholds on this thread while it lives. For a run of
+// kernel calls with no Python in between (MlpPlan's training step): there the
+// OpenMP workers are still spinning from the previous region, so a region
+// costs about 1 us instead of the ~65 us of waking idle workers
+// (perf-notes.md), and smaller kernels pay for a second thread. Which kernels
+// split never changes a result (they are bit-identical for any thread count).
+class WarmThreads {
+   public:
+    explicit WarmThreads(double scale);
+    ~WarmThreads();
+    WarmThreads(const WarmThreads&) = delete;
+    WarmThreads& operator=(const WarmThreads&) = delete;
+
+   private:
+    double previous_;
+};
+
 // Declares the kernel templates inside namespace chainrule::ISA.
 #define CHAINRULE_DECLARE_KERNELS(ISA)                                              \
     namespace ISA {                                                                 \
