@@ -58,6 +58,9 @@ inline py::array as_array(const char* fn, const char* arg, py::handle obj) {
     if (obj.is_none()) {
         type_error(std::string(fn) + ": " + arg + " is None; expected a float32 or float64 array");
     }
+    // An ndarray is taken as it is: PyArray_FromAny's dtype and shape
+    // discovery would cost more than a small kernel (a 16 x 16 GEMM).
+    if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj);
     py::array a = py::array::ensure(obj);
     if (!a) {
         PyErr_Clear();
@@ -92,6 +95,14 @@ inline void check_ndim(const char* fn, const char* arg, const py::array& a, int 
 // be had raises MemoryError naming the function and argument.
 template <typename T>
 py::array_t<T, py::array::c_style> contiguous(const char* fn, const char* arg, const py::array& a) {
+    // Already what the kernel reads (the common case): no conversion call.
+    const int flags = py::detail::array_proxy(a.ptr())->flags;
+    constexpr int ready = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ |
+                          py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+    if ((flags & ready) == ready && a.dtype().num() == (sizeof(T) == 4 ? kNpyFloat : kNpyDouble) &&
+        a.dtype().byteorder() != '>') {
+        return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
+    }
     auto c = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(a);
     if (!c) {  // ensure() has cleared the error; with the dtype checked, memory is what failed
         const std::string msg = std::string(fn) + ": cannot make a contiguous copy of " + arg +
