@@ -48,6 +48,8 @@ DENSE_SHAPES = [
     (65, 63, 33),
     (1, 784, 10),
     (256, 784, 512),
+    (300, 33, 1),   # one output: the matrix-vector path, with bias and activation
+    (9, 257, 1),
 ]
 
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "softmax", "log_softmax")
@@ -149,6 +151,33 @@ def test_gemm_packed_path_edges(isa, m, n, k, trans_a, trans_b, dtype, rng):
                  out=c0.astype(np.float64))
     scale = gemm_scale(a, b, trans_a=trans_a, trans_b=trans_b, alpha=-0.5, beta=0.25, c=c0)
     assert_close(out, ref, dtype, k=k, scale=scale)
+
+
+# n == 1 (one output column) runs as a matrix-vector product: rows around the
+# 8-row groups and the 128/256-row blocks, k around the vector width.
+GEMV_SHAPES = [(1, 1, 1), (7, 1, 13), (9, 1, 16), (129, 1, 17), (300, 1, 33), (1000, 1, 257)]
+
+
+@pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES, ids=TRANS_IDS)
+@pytest.mark.parametrize("m, n, k", GEMV_SHAPES)
+def test_gemm_one_column_matches_reference(isa, m, n, k, trans_a, trans_b, dtype, rng):
+    a, b = _ab(rng, m, n, k, trans_a, trans_b, dtype)
+    c0 = random(rng, (m, n), dtype)
+    for alpha, beta in ((1.0, 0.0), (-0.5, 0.25)):
+        out = c0.copy()
+        K.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta, out=out)
+        ref = R.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta,
+                     out=c0.astype(np.float64))
+        scale = gemm_scale(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta, c=c0)
+        assert_close(out, ref, dtype, k=k, scale=scale)
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+def test_gemm_one_column_threads_bit_identical(trans_a, dtype, rng):
+    # 2 m k = 2.4e7 flops: above the parallel threshold, rows split by thread
+    m, k = 3000, 4000
+    a, b = _ab(rng, m, 1, k, trans_a, False, dtype)
+    _assert_bits_equal_nested(*_two_threads(lambda: K.gemm(a, b, trans_a=trans_a)))
 
 
 @pytest.mark.parametrize("alpha", [1.0, -0.5, 2.5, 0.0])

@@ -461,6 +461,129 @@ void gemm_direct(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const
         rows(min_i(m, MRD * (tiles * t / nt)), min_i(m, MRD * (tiles * (t + 1) / nt)));
 }
 
+// ---------------------------------------------------------------- n == 1
+//
+// One output column (a layer with one output: its forward and its dW) is a
+// matrix-vector product; the tiles above would use one lane of 16. Vector
+// x[p] = op(B)(p, 0) is x[p * incx]; C is a column with stride ldc.
+
+// op(A) = A^T (A stored (k, m)): c[i] = sum_p a[p, i] x[p], vectorised along
+// i, each lane summed over p in order, as the tiles do (the same bits).
+template <class V, typename T, int NV, bool Masked>
+inline void gemv_t_block(idx k, const T* a, idx lda, const T* x, idx incx, int nr,
+                         const T* alpha_beta, const T* bias, T* c, idx ldc) {
+    using reg = typename V::reg;
+    constexpr int W = V::W;
+    const auto kl = V::first(nr - (NV - 1) * W);
+    reg acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = V::zero();
+    for (idx p = 0; p < k; ++p) {
+        const reg xp = V::set1(x[p * incx]);
+        const T* ap = a + p * lda;
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) {
+            const reg av = Masked && v == NV - 1 ? V::load(kl, ap + v * W) : V::load(ap + v * W);
+            acc[v] = V::fmadd(av, xp, acc[v]);
+        }
+    }
+    const T alpha = alpha_beta[0], beta = alpha_beta[1];
+    alignas(64) T out[NV * W];
+    for (int v = 0; v < NV; ++v) {
+        const reg r = V::mul(V::set1(alpha), acc[v]);
+        V::store(out + v * W, r);
+    }
+    // beta * C and the bias in scalar form, in the tiles' order of operations.
+    for (int j = 0; j < nr; ++j) {
+        T* cj = c + j * ldc;
+        T v = beta != T(0) ? detail::fmadd(beta, *cj, out[j]) : out[j];
+        if (bias) v = v + *bias;
+        *cj = v;
+    }
+}
+
+// op(A) = A (A stored (m, k)): c[i] = dot(a[i, :], x), R rows at a time,
+// vectorised along p; the W partial sums of a row are added in lane order.
+template <class V, typename T, int R>
+inline void gemv_n_rows(idx k, const T* a, idx lda, const T* x, const T* alpha_beta,
+                        const T* bias, T* c, idx ldc) {
+    using reg = typename V::reg;
+    constexpr int W = V::W;
+    reg acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = V::zero();
+    idx p = 0;
+    for (; p + W <= k; p += W) {
+        const reg xv = V::load(x + p);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r] = V::fmadd(V::load(a + r * lda + p), xv, acc[r]);
+    }
+    if (p < k) {
+        const auto kl = V::first(int(k - p));
+        const reg xv = V::load(kl, x + p);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r] = V::fmadd(V::load(kl, a + r * lda + p), xv, acc[r]);
+    }
+    const T alpha = alpha_beta[0], beta = alpha_beta[1];
+    for (int r = 0; r < R; ++r) {
+        alignas(64) T lanes[W];
+        V::store(lanes, acc[r]);
+        T sum = lanes[0];
+        for (int q = 1; q < W; ++q) sum += lanes[q];
+        T* cr = c + r * ldc;
+        T v = alpha * sum;
+        if (beta != T(0)) v = detail::fmadd(beta, *cr, v);
+        if (bias) v = v + *bias;
+        *cr = v;
+    }
+}
+
+// Rows [i0, i1) of the n == 1 product.
+template <typename T>
+void gemv_rows(bool trans_a, idx i0, idx i1, idx k, const T* alpha_beta, const T* a, idx lda,
+               const T* x, idx incx, T* c, idx ldc, const Epilogue<T>& ep) {
+    using V = typename MicroKernel<T>::V;
+    // Blocks of 1 KiB of each row of A (16 accumulators on AVX-512, 8 on AVX2's
+    // 16 registers): fewer passes down A's strided rows.
+    constexpr int W = V::W, NV = W * int(sizeof(T)) == 64 ? 16 : 8;
+    if (trans_a) {
+        idx i = i0;
+        for (; i + NV * W <= i1; i += NV * W)
+            gemv_t_block<V, T, NV, false>(k, a + i, lda, x, incx, NV * W, alpha_beta, ep.bias,
+                                          c + i * ldc, ldc);
+        for (; i < i1; i += W)
+            gemv_t_block<V, T, 1, true>(k, a + i, lda, x, incx, int(min_i(W, i1 - i)), alpha_beta,
+                                        ep.bias, c + i * ldc, ldc);
+    } else {
+        // Dot products need x with unit stride (the caller checks). Eight rows
+        // at a time: eight FMA chains to hide the FMA latency.
+        idx i = i0;
+        for (; i + 8 <= i1; i += 8)
+            gemv_n_rows<V, T, 8>(k, a + i * lda, lda, x, alpha_beta, ep.bias, c + i * ldc, ldc);
+        for (; i < i1; ++i)
+            gemv_n_rows<V, T, 1>(k, a + i * lda, lda, x, alpha_beta, ep.bias, c + i * ldc, ldc);
+    }
+    if (ep.act != Act::identity)
+        detail::activation_block<T>(ep.act, c + i0 * ldc, i1 - i0, 1, ldc, ep.slope);
+}
+
+template <typename T>
+void gemv(bool trans_a, idx m, idx k, T alpha, const T* a, idx lda, const T* x, idx incx, T beta,
+          T* c, idx ldc, const Epilogue<T>& ep, int nthreads) {
+    const T alpha_beta[2] = {alpha, beta};
+    constexpr idx chunk = 128;  // rows per thread are whole chunks
+    const idx chunks = ceil_div(m, chunk);
+    idx nt = detail::threads_for(2.0 * double(m) * double(k), detail::kParallelFlops, nthreads);
+    nt = min_i(nt, chunks);
+    if (nt <= 1) {
+        gemv_rows<T>(trans_a, 0, m, k, alpha_beta, a, lda, x, incx, c, ldc, ep);
+        return;
+    }
+#pragma omp parallel for num_threads(int(nt)) schedule(static, 1)
+    for (idx t = 0; t < nt; ++t)
+        gemv_rows<T>(trans_a, min_i(m, chunk * (chunks * t / nt)),
+                     min_i(m, chunk * (chunks * (t + 1) / nt)), k, alpha_beta, a, lda, x, incx, c,
+                     ldc, ep);
+}
+
 // Threads: C is cut into `nt` blocks of whole slivers along N (each thread
 // packs its own columns of B and all of A) or, when C is taller than wide,
 // along M (each packs all of B). Each block is an independent single-thread
@@ -479,6 +602,14 @@ void gemm_driver(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const
         return;
     }
     if constexpr (MK::kDirect) {
+        // One output column: a matrix-vector product (row-wise activations
+        // need the tiles' path below).
+        const idx incx = trans_b ? 1 : ldb;
+        const bool row_act = ep.act == Act::softmax || ep.act == Act::log_softmax;
+        if (n == 1 && !row_act && (trans_a || incx == 1)) {
+            gemv<T>(trans_a, m, k, alpha, a, lda, b, incx, beta, c, ldc, ep, nthreads);
+            return;
+        }
         if (use_direct<T>(trans_b, m, n, k)) {
             gemm_direct<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep,
                            nthreads);
