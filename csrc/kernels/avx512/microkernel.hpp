@@ -244,10 +244,12 @@ struct MicroKernel {
     static constexpr idx NC = sizeof(T) == 4 ? 1024 : 512;
 
     // The unpacked small-problem path (gemm_impl.hpp, direct_tile): vector
-    // type and rows per tile (MRD x 2 vectors: 28 accumulators, as above).
+    // type and rows per tile (MRD x 2 vectors: 26 accumulators, as above; at
+    // 14 rows GCC spilled in the k loop here too, though (e) and 64^3 timed
+    // the same either way).
     using V = micro::Vec<T>;
     static constexpr bool kDirect = true;
-    static constexpr int MRD = 14;
+    static constexpr int MRD = 13;
 
     // SIMD packing (see gemm_impl.hpp, pack_a_sliver and pack_b_panel):
     // dst[p * ldd + j] = src[j * lds + p] (transpose), or row copies of n
