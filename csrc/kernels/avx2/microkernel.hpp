@@ -125,7 +125,45 @@ inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T*
     }
 }
 
+// In-register transposes for packing (pack_simd.hpp): r[i] lane q -> r[q]
+// lane i, 8 x 8 floats (24 shuffles) and 4 x 4 doubles (8).
+inline void transpose(__m256 r[8]) {
+    __m256 t[8];
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4j + e], 128-bit lane L: rows 4j..4j+3 of column 4L + e.
+    __m256 u[8];
+    for (int j = 0; j < 2; ++j) {
+        u[4 * j] = _mm256_shuffle_ps(t[4 * j], t[4 * j + 2], 0x44);
+        u[4 * j + 1] = _mm256_shuffle_ps(t[4 * j], t[4 * j + 2], 0xEE);
+        u[4 * j + 2] = _mm256_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0x44);
+        u[4 * j + 3] = _mm256_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0xEE);
+    }
+    for (int e = 0; e < 4; ++e) {
+        r[e] = _mm256_permute2f128_ps(u[e], u[4 + e], 0x20);
+        r[4 + e] = _mm256_permute2f128_ps(u[e], u[4 + e], 0x31);
+    }
+}
+
+inline void transpose(__m256d r[4]) {
+    const __m256d t0 = _mm256_unpacklo_pd(r[0], r[1]), t1 = _mm256_unpackhi_pd(r[0], r[1]);
+    const __m256d t2 = _mm256_unpacklo_pd(r[2], r[3]), t3 = _mm256_unpackhi_pd(r[2], r[3]);
+    r[0] = _mm256_permute2f128_pd(t0, t2, 0x20);
+    r[1] = _mm256_permute2f128_pd(t1, t3, 0x20);
+    r[2] = _mm256_permute2f128_pd(t0, t2, 0x31);
+    r[3] = _mm256_permute2f128_pd(t1, t3, 0x31);
+}
+
 }  // namespace micro
+}  // namespace CHAINRULE_ISA
+}  // namespace chainrule
+
+#include "../pack_simd.hpp"
+
+namespace chainrule {
+namespace CHAINRULE_ISA {
 
 // Traits consumed by gemm_impl.hpp. AVX2-only CPUs often have 256 KiB - 1 MiB
 // of L2, so the packed B panel is kept near 384 KiB.
@@ -140,8 +178,16 @@ struct MicroKernel {
     // type and rows per tile (MRD x 2 vectors: 12 accumulators, as above).
     using V = micro::Vec<T>;
     static constexpr bool kDirect = true;
-    static constexpr bool kSimdPack = false;  // generic packing loops (gemm_impl.hpp)
     static constexpr int MRD = 6;
+
+    // SIMD packing, as on AVX-512 (pack_simd.hpp).
+    static constexpr bool kSimdPack = true;
+    static void pack_transpose(const T* src, idx lds, int rows, idx kc, T* dst, idx ldd) {
+        micro::transpose_rows<T>(src, lds, rows, kc, dst, ldd);
+    }
+    static void pack_copy(const T* src, idx lds, int n, idx kc, T* dst) {
+        micro::copy_rows<T>(src, lds, n, kc, dst);
+    }
 
     // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr]
     // with {alpha, beta} = alpha_beta[0:2]: passed in memory so that the
