@@ -115,7 +115,7 @@ double MlpPlan<T>::train_step(T* params, T* grads, const T* x, idx rows,
     if (indices) {
         T* a0 = acts_.data();
         const size_t row_bytes = static_cast<size_t>(d[0]) * sizeof(T);
-        // Split across threads when it is worth a quarter megabyte or more.
+        // Split across threads from 128 KiB (1 MiB at the default thresholds).
         const bool split = nthreads > 1 && static_cast<double>(n) * static_cast<double>(row_bytes) >=
                                                kParallelGatherBytes * kWarmScale;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (split)
