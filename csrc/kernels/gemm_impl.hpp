@@ -396,10 +396,14 @@ void direct_rows(bool trans_a, bool trans_b, idx i0, idx i1, idx n, idx k, const
             // Row by row of B: contiguous reads, and the NB-strided writes
             // stay within the strip, which is in L1.
             const T* src = b + j0 * ldb;
-            for (int j = 0; j < nr; ++j) {
-                const T* r = src + j * ldb;
-                T* d = strip + j;
-                for (idx p = 0; p < k; ++p) d[p * NB] = r[p];
+            if constexpr (MK::kSimdPack) {
+                MK::pack_transpose(src, ldb, nr, k, strip, NB);  // lanes past nr: never read
+            } else {
+                for (int j = 0; j < nr; ++j) {
+                    const T* r = src + j * ldb;
+                    T* d = strip + j;
+                    for (idx p = 0; p < k; ++p) d[p * NB] = r[p];
+                }
             }
             bs = strip;
             lds = NB;
