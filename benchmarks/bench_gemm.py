@@ -11,8 +11,8 @@ count runs in its own process with OMP/OPENBLAS/MKL_NUM_THREADS set before
 NumPy and PyTorch are imported (1 thread: pinned to one core). Within a shape
 the frameworks are timed alternately, one sample each per round (a sample is
 a loop of calls lasting ~20 ms, all writing into a preallocated out=), with a
-pause between frameworks at 2 threads (OpenBLAS workers spin for ~0.1 s after
-a call). The table gives median GFLOP/s and ``speed-up`` = the faster peer's
+0.5 s pause between frameworks at 2 threads (OpenBLAS and OpenMP workers keep
+spinning after a call). The table gives median GFLOP/s and ``speed-up`` = the faster peer's
 median time / chainrule's (above 1: chainrule is faster); ``best-of`` uses
 each side's fastest sample, which a busy host disturbs less.
 """
@@ -27,6 +27,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from bench_kernels import calibrate, sample  # the same timing loop as the kernel benchmark
 
 SQUARES = (64, 128, 256, 512, 1024, 2048)
 QUICK_SQUARES = (64, 256, 1024)
@@ -44,23 +46,6 @@ def mlp_shapes():
             if layer > 1:
                 out.append((f"({cfg}) L{layer} dZ W^T", batch, d_in, d_out, False, True))
     return out
-
-
-def sample(fn, number):
-    t0 = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - t0) / number
-
-
-def calibrate(fn, target):
-    fn()
-    number = 1
-    while True:
-        t = sample(fn, number) * number
-        if t >= target / 4 or number >= 1 << 16:
-            return max(1, int(number * target / max(t, 1e-9)))
-        number *= 4
 
 
 def run_child(args):
@@ -83,9 +68,13 @@ def run_child(args):
     rng = np.random.default_rng(0)
     squares = QUICK_SQUARES if args.quick else SQUARES
     shapes = [(f"{s}^3", s, s, s, False, False) for s in squares] + mlp_shapes()
-    repeats = 3 if args.quick else 7
+    repeats = 3 if args.quick else (7 if threads == 1 else 5)
     target = 0.01 if args.quick else 0.02
-    pause = 0.15 if threads > 1 else 0.0
+    # OpenMP and OpenBLAS workers spin after a call (OpenBLAS ~0.1 s, and
+    # 0.15 s measured too short here: a 512^3 GEMM right after another
+    # framework's ran at a third of its speed); the next framework's second
+    # thread would share a core with them.
+    pause = 0.5 if threads > 1 else 0.0
     rows = []
     for dtype_name in args.dtype:
         dtype = np.dtype(dtype_name)

@@ -50,6 +50,20 @@ inline void copy_rows(const T* src, idx lds, int n, idx kc, T* dst) {
     }
 }
 
+// What gemm_impl.hpp's packers look for in MicroKernel<T> (which inherits
+// it): dst[p * ldd + j] = src[j * lds + p] (transpose), or kc rows of n
+// values copied (copy).
+template <typename T>
+struct SimdPacking {
+    static constexpr bool kSimdPack = true;
+    static void pack_transpose(const T* src, idx lds, int rows, idx kc, T* dst, idx ldd) {
+        transpose_rows<T>(src, lds, rows, kc, dst, ldd);
+    }
+    static void pack_copy(const T* src, idx lds, int n, idx kc, T* dst) {
+        copy_rows<T>(src, lds, n, kc, dst);
+    }
+};
+
 }  // namespace micro
 }  // namespace CHAINRULE_ISA
 }  // namespace chainrule

@@ -168,7 +168,7 @@ namespace CHAINRULE_ISA {
 // Traits consumed by gemm_impl.hpp. AVX2-only CPUs often have 256 KiB - 1 MiB
 // of L2, so the packed B panel is kept near 384 KiB.
 template <typename T>
-struct MicroKernel {
+struct MicroKernel : micro::SimdPacking<T> {  // SIMD packing: pack_simd.hpp
     static constexpr int MR = 6;
     static constexpr int NR = 2 * micro::Vec<T>::W;
     static constexpr idx KC = 256;
@@ -179,15 +179,6 @@ struct MicroKernel {
     using V = micro::Vec<T>;
     static constexpr bool kDirect = true;
     static constexpr int MRD = 6;
-
-    // SIMD packing, as on AVX-512 (pack_simd.hpp).
-    static constexpr bool kSimdPack = true;
-    static void pack_transpose(const T* src, idx lds, int rows, idx kc, T* dst, idx ldd) {
-        micro::transpose_rows<T>(src, lds, rows, kc, dst, ldd);
-    }
-    static void pack_copy(const T* src, idx lds, int n, idx kc, T* dst) {
-        micro::copy_rows<T>(src, lds, n, kc, dst);
-    }
 
     // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr]
     // with {alpha, beta} = alpha_beta[0:2]: passed in memory so that the

@@ -135,6 +135,19 @@ inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T*
 // is W rows x W columns at a time, W loads, a fixed shuffle network and W
 // stores, instead of one scalar load and store per value.
 
+// out[j] 128-bit lane L = in[L] lane j: a 4 x 4 transpose of 128-bit lanes
+// (8 shuffles; lanes are moved whole, so it serves doubles too).
+inline void transpose_lanes(const __m512 in[4], __m512 out[4]) {
+    const __m512 x0 = _mm512_shuffle_f32x4(in[0], in[1], 0x44);
+    const __m512 x1 = _mm512_shuffle_f32x4(in[0], in[1], 0xEE);
+    const __m512 x2 = _mm512_shuffle_f32x4(in[2], in[3], 0x44);
+    const __m512 x3 = _mm512_shuffle_f32x4(in[2], in[3], 0xEE);
+    out[0] = _mm512_shuffle_f32x4(x0, x2, 0x88);
+    out[1] = _mm512_shuffle_f32x4(x0, x2, 0xDD);
+    out[2] = _mm512_shuffle_f32x4(x1, x3, 0x88);
+    out[3] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
+}
+
 // r[i] lane q -> r[q] lane i, 16 x 16 floats (64 shuffles).
 inline void transpose(__m512 r[16]) {
     __m512 t[16];
@@ -154,14 +167,10 @@ inline void transpose(__m512 r[16]) {
     }
     // A 4 x 4 transpose of 128-bit lanes for each e.
     for (int e = 0; e < 4; ++e) {
-        const __m512 x0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44);
-        const __m512 x1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xEE);
-        const __m512 x2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44);
-        const __m512 x3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xEE);
-        r[e] = _mm512_shuffle_f32x4(x0, x2, 0x88);
-        r[4 + e] = _mm512_shuffle_f32x4(x0, x2, 0xDD);
-        r[8 + e] = _mm512_shuffle_f32x4(x1, x3, 0x88);
-        r[12 + e] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
+        const __m512 in[4] = {u[e], u[4 + e], u[8 + e], u[12 + e]};
+        __m512 out[4];
+        transpose_lanes(in, out);
+        for (int j = 0; j < 4; ++j) r[4 * j + e] = out[j];
     }
 }
 
@@ -174,14 +183,11 @@ inline void transpose(__m512d r[8]) {
     }
     // t[2i + e], 128-bit lane L: rows 2i, 2i+1 of column 2L + e.
     for (int e = 0; e < 2; ++e) {
-        const __m512d x0 = _mm512_shuffle_f64x2(t[e], t[2 + e], 0x44);
-        const __m512d x1 = _mm512_shuffle_f64x2(t[e], t[2 + e], 0xEE);
-        const __m512d x2 = _mm512_shuffle_f64x2(t[4 + e], t[6 + e], 0x44);
-        const __m512d x3 = _mm512_shuffle_f64x2(t[4 + e], t[6 + e], 0xEE);
-        r[e] = _mm512_shuffle_f64x2(x0, x2, 0x88);
-        r[2 + e] = _mm512_shuffle_f64x2(x0, x2, 0xDD);
-        r[4 + e] = _mm512_shuffle_f64x2(x1, x3, 0x88);
-        r[6 + e] = _mm512_shuffle_f64x2(x1, x3, 0xDD);
+        const __m512 in[4] = {_mm512_castpd_ps(t[e]), _mm512_castpd_ps(t[2 + e]),
+                              _mm512_castpd_ps(t[4 + e]), _mm512_castpd_ps(t[6 + e])};
+        __m512 out[4];
+        transpose_lanes(in, out);
+        for (int j = 0; j < 4; ++j) r[2 * j + e] = _mm512_castps_pd(out[j]);
     }
 }
 
@@ -198,7 +204,7 @@ namespace CHAINRULE_ISA {
 // while the B slivers stream past it from the KC x NC panel in L2 (48 KiB L1d
 // and 2 MiB L2 per core on the target Xeons); tuned by measurement.
 template <typename T>
-struct MicroKernel {
+struct MicroKernel : micro::SimdPacking<T> {  // SIMD packing: pack_simd.hpp
     static constexpr int MR = 13;
     static constexpr int NR = 2 * micro::Vec<T>::W;
     // float: A sliver 13 x 256 x 4 B = 13 KiB, B panel 256 x 1024 x 4 B = 1 MiB
@@ -216,16 +222,6 @@ struct MicroKernel {
     static constexpr bool kDirect = true;
     static constexpr int MRD = 13;
 
-    // SIMD packing (see gemm_impl.hpp, pack_a_sliver and pack_b_panel):
-    // dst[p * ldd + j] = src[j * lds + p] (transpose), or row copies of n
-    // values (copy).
-    static constexpr bool kSimdPack = true;
-    static void pack_transpose(const T* src, idx lds, int rows, idx kc, T* dst, idx ldd) {
-        micro::transpose_rows<T>(src, lds, rows, kc, dst, ldd);
-    }
-    static void pack_copy(const T* src, idx lds, int n, idx kc, T* dst) {
-        micro::copy_rows<T>(src, lds, n, kc, dst);
-    }
 
     // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr]
     // with {alpha, beta} = alpha_beta[0:2]: passed in memory so that the
