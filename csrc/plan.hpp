@@ -69,9 +69,8 @@ class MlpPlan {
     // update (nullable): also take one optimizer step, layer by layer during
     // backward: W_l and b_l are updated as soon as their gradient is final
     // (after the gradient with respect to the layer's input has used the old
-    // W_l), while they and the gradient are still in cache. The arithmetic is
-    // that of sgd_step / adam_step over the whole flat buffer afterwards, bit
-    // for bit. Skipped when the loss is not finite, so the parameters stay
+    // W_l): one native call per mini-batch. The arithmetic is that of
+    // sgd_step / adam_step over the whole flat buffer afterwards, bit for bit. Skipped when the loss is not finite, so the parameters stay
     // those before the batch. params must then be writable; accumulate must
     // be false (the binding checks).
     double train_step(T* params, T* grads, const T* x, idx rows, const std::int64_t* indices,
