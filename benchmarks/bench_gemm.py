@@ -6,15 +6,17 @@
 
 Shapes: squares 64 ... 2048 and the products of an MLP training step for
 configs (c) 784-256-128-10 at batch 128 and (d) 784-1024-1024-10 at batch 256
-(forward X W, weight gradient X^T dZ, input gradient dZ W^T). Each thread
-count runs in its own process with OMP/OPENBLAS/MKL_NUM_THREADS set before
-NumPy and PyTorch are imported (1 thread: pinned to one core). Within a shape
-the frameworks are timed alternately, one sample each per round (a sample is
-a loop of calls lasting ~20 ms, all writing into a preallocated out=), with a
-0.5 s pause between frameworks at 2 threads (OpenBLAS and OpenMP workers keep
-spinning after a call). The table gives median GFLOP/s and ``speed-up`` = the faster peer's
-median time / chainrule's (above 1: chainrule is faster); ``best-of`` uses
-each side's fastest sample, which a busy host disturbs less.
+(forward X W, weight gradient X^T dZ, input gradient dZ W^T). Each
+framework runs in its own worker process, with OMP/OPENBLAS/MKL_NUM_THREADS
+set before anything is imported (1 thread: pinned to one core), so no two
+thread pools share a process. Within a shape the frameworks are timed
+alternately, one sample each per round (a sample is a loop of calls lasting
+~20 ms, all writing into a preallocated out=), with a 0.2 s pause between
+frameworks at 2 threads (OpenBLAS and OpenMP workers keep spinning after a
+call). Results are checked against NumPy's first. The table gives median
+GFLOP/s and ``speed-up`` = the faster peer's median time / chainrule's (above
+1: chainrule is faster); ``best-of`` uses each side's fastest sample, which a
+busy host disturbs less.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 from bench_kernels import calibrate, sample  # the same timing loop as the kernel benchmark
 
@@ -48,82 +52,123 @@ def mlp_shapes():
     return out
 
 
-def run_child(args):
-    threads = args.child
+def serve(framework, threads):
+    """A worker holding one framework: reads one JSON request per line on
+    stdin, answers one JSON line. Each framework lives in its own process so
+    that its thread pool (OpenMP, OpenBLAS, MKL) never shares a process with
+    another's; in one process, 2-thread GEMMs stalled for milliseconds."""
     if threads == 1 and hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[0]})
     import numpy as np
 
-    import chainrule.kernels as K
-
-    K.set_num_threads(threads)
-    peers = {"numpy": None}
-    try:
+    if framework == "chainrule":
+        import chainrule.kernels as K
+        K.set_num_threads(threads)
+    elif framework == "torch":
         import torch
         torch.set_num_threads(threads)
-        peers["torch"] = torch
-    except ImportError:
-        pass
-    rng = np.random.default_rng(0)
-    squares = QUICK_SQUARES if args.quick else SQUARES
-    shapes = [(f"{s}^3", s, s, s, False, False) for s in squares] + mlp_shapes()
-    repeats = 3 if args.quick else (7 if threads == 1 else 5)
-    target = 0.01 if args.quick else 0.02
-    # OpenMP and OpenBLAS workers spin after a call (OpenBLAS ~0.1 s, and
-    # 0.15 s measured too short here: a 512^3 GEMM right after another
-    # framework's ran at a third of its speed); the next framework's second
-    # thread would share a core with them.
-    pause = 0.5 if threads > 1 else 0.0
-    rows = []
-    for dtype_name in args.dtype:
-        dtype = np.dtype(dtype_name)
-        for label, m, n, k, ta, tb in shapes:
-            if args.quick and dtype_name == "float64" and label.startswith("("):
-                continue
+    cache = {}
+    for line in sys.stdin:
+        req = json.loads(line)
+        key = (req["dtype"], req["m"], req["n"], req["k"], req["ta"], req["tb"])
+        if key not in cache:
+            cache.clear()
+            dtype = np.dtype(req["dtype"])
+            m, n, k, ta, tb = key[1:]
+            rng = np.random.default_rng(m * 1_000_003 + n * 1009 + k)  # same data in every worker
             a = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
             b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
             a_op, b_op = (a.T if ta else a), (b.T if tb else b)
-            outs = {name: np.empty((m, n), dtype) for name in ("chainrule", "numpy", "torch")}
-            fns = {"chainrule": lambda: K.gemm(a, b, trans_a=ta, trans_b=tb, out=outs["chainrule"]),
-                   "numpy": lambda: np.matmul(a_op, b_op, out=outs["numpy"])}
-            if "torch" in peers:
-                torch = peers["torch"]
-                ta_t, tb_t = torch.from_numpy(a_op), torch.from_numpy(b_op)  # views: no copy
-                tc = torch.from_numpy(outs["torch"])
-                fns["torch"] = lambda: torch.matmul(ta_t, tb_t, out=tc)
-            # Same result before timing (loose: float32 sums in different orders).
-            for fn in fns.values():
-                fn()
-            ref = outs["numpy"].astype(np.float64)
-            tol = (1e-3 if dtype == np.float32 else 1e-10) * float(np.abs(ref).max() + 1)
-            for name in fns:
-                if not np.allclose(outs[name], ref, atol=tol, rtol=0):
-                    raise SystemExit(f"bench_gemm: {name} disagrees on {label} {dtype_name}")
-            numbers = {name: calibrate(fn, target) for name, fn in fns.items()}
-            times = {name: [] for name in fns}
-            names = list(fns)
-            for r in range(repeats):
-                order = names[r % len(names):] + names[:r % len(names)]
-                for name in order:
-                    if pause:
-                        time.sleep(pause)
-                    times[name].append(sample(fns[name], numbers[name]))
-            flops = 2.0 * m * n * k
-            med = {name: statistics.median(ts) for name, ts in times.items()}
-            best = {name: min(ts) for name, ts in times.items()}
-            peer = min((p for p in med if p != "chainrule"), key=lambda p: med[p])
-            peer_best = min(best[p] for p in best if p != "chainrule")
-            rows.append(dict(shape=label, m=m, n=n, k=k, trans_a=ta, trans_b=tb, dtype=dtype_name,
-                             threads=threads,
-                             gflops={p: flops / t * 1e-9 for p, t in med.items()},
-                             best_peer=peer, speedup=med[peer] / med["chainrule"],
-                             speedup_best_of=peer_best / best["chainrule"]))
-            print(f"  [{threads}T] {dtype_name} {label:<18} " +
-                  "  ".join(f"{p} {g:6.1f}" for p, g in rows[-1]["gflops"].items()) +
-                  f"  speed-up {rows[-1]['speedup']:.2f}", file=sys.stderr, flush=True)
-    with open(args.child_out, "w") as f:
-        json.dump(dict(rows=rows, peers=sorted(peers)), f)
+            c = np.empty((m, n), dtype)
+            if framework == "chainrule":
+                def fn(a=a, b=b, c=c, ta=ta, tb=tb):
+                    K.gemm(a, b, trans_a=ta, trans_b=tb, out=c)
+            elif framework == "numpy":
+                def fn(a_op=a_op, b_op=b_op, c=c):
+                    np.matmul(a_op, b_op, out=c)
+            else:
+                ta_t, tb_t, tc = torch.from_numpy(a_op), torch.from_numpy(b_op), torch.from_numpy(c)
+
+                def fn(ta_t=ta_t, tb_t=tb_t, tc=tc):
+                    torch.matmul(ta_t, tb_t, out=tc)
+            fn()
+            probe = c.ravel()[:: max(1, c.size // 64)][:64].astype(np.float64).tolist()
+            cache[key] = (fn, probe)
+        fn, probe = cache[key]
+        number = req.get("number") or calibrate(fn, req["target"])
+        print(json.dumps({"seconds": sample(fn, number), "number": number, "probe": probe}),
+              flush=True)
+
+
+class Worker:
+    def __init__(self, framework, threads):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+                   MKL_NUM_THREADS=str(threads))
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", framework, "--child", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def ask(self, **req):
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit("bench_gemm: a worker died (see its error above)")
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def run_threads(threads, frameworks, args):
+    workers = {f: Worker(f, threads) for f in frameworks}
+    squares = QUICK_SQUARES if args.quick else SQUARES
+    shapes = [(f"{s}^3", s, s, s, False, False) for s in squares] + mlp_shapes()
+    repeats = 3 if args.quick else 7
+    target = 0.01 if args.quick else 0.02
+    # OpenBLAS and OpenMP workers spin for a while after a call; the next
+    # framework's second thread would share a core with them.
+    pause = 0.2 if threads > 1 else 0.0
+    rows = []
+    try:
+        for dtype in args.dtype:
+            for label, m, n, k, ta, tb in shapes:
+                if args.quick and dtype == "float64" and label.startswith("("):
+                    continue
+                spec = dict(dtype=dtype, m=m, n=n, k=k, ta=ta, tb=tb, target=target)
+                first = {f: w.ask(**spec) for f, w in workers.items()}  # calibrate, check
+                ref = np.asarray(first["numpy"]["probe"])
+                scale = float(np.abs(ref).max()) + 1.0
+                tol = (1e-3 if dtype == "float32" else 1e-10) * scale
+                for f, r in first.items():
+                    if not np.allclose(r["probe"], ref, atol=tol, rtol=0):
+                        raise SystemExit(f"bench_gemm: {f} disagrees on {label} {dtype}")
+                times = {f: [] for f in workers}
+                names = list(workers)
+                for rep in range(repeats):
+                    for f in names[rep % len(names):] + names[:rep % len(names)]:
+                        if pause:
+                            time.sleep(pause)
+                        times[f].append(workers[f].ask(**spec, number=first[f]["number"])["seconds"])
+                flops = 2.0 * m * n * k
+                med = {f: statistics.median(t) for f, t in times.items()}
+                best = {f: min(t) for f, t in times.items()}
+                peer = min((f for f in med if f != "chainrule"), key=lambda f: med[f])
+                peer_best = min(best[f] for f in best if f != "chainrule")
+                rows.append(dict(shape=label, m=m, n=n, k=k, trans_a=ta, trans_b=tb, dtype=dtype,
+                                 threads=threads,
+                                 gflops={f: flops / t * 1e-9 for f, t in med.items()},
+                                 best_peer=peer, speedup=med[peer] / med["chainrule"],
+                                 speedup_best_of=peer_best / best["chainrule"]))
+                print(f"  [{threads}T] {dtype} {label:<18} " +
+                      "  ".join(f"{f} {g:6.1f}" for f, g in rows[-1]["gflops"].items()) +
+                      f"  speed-up {rows[-1]['speedup']:.2f}", file=sys.stderr, flush=True)
+    finally:
+        for w in workers.values():
+            w.close()
+    return rows
 
 
 def main():
@@ -133,40 +178,32 @@ def main():
     ap.add_argument("--dtype", nargs="+", default=["float32", "float64"],
                     choices=["float32", "float64"])
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        run_child(args)
+    if args.serve:
+        serve(args.serve, args.child)
         return
-    import tempfile
-
-    rows, peers = [], set()
+    frameworks = ["chainrule", "numpy"]
+    try:
+        import torch  # noqa: F401  (only whether it is installed)
+        frameworks.append("torch")
+        skipped = []
+    except ImportError:
+        skipped = ["torch (not installed)"]
+    rows = []
     for t in [int(x) for x in args.threads.split(",")]:
-        env = dict(os.environ, OMP_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t),
-                   MKL_NUM_THREADS=str(t))
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-            out = tmp.name
-        cmd = [sys.executable, __file__, "--child", str(t), "--child-out", out,
-               "--dtype", *args.dtype] + (["--quick"] if args.quick else [])
-        subprocess.run(cmd, env=env, check=True)
-        with open(out) as f:
-            res = json.load(f)
-        os.unlink(out)
-        rows += res["rows"]
-        peers |= set(res["peers"])
-    skipped = [] if "torch" in peers else ["torch (not installed)"]
+        rows += run_threads(t, frameworks, args)
     print(f"# bench_gemm: GFLOP/s (median), {platform.machine()}, {os.cpu_count()} cpus")
     if skipped:
         print(f"# skipped: {', '.join(skipped)}")
-    names = ["chainrule", "numpy"] + (["torch"] if "torch" in peers else [])
-    print("| threads | dtype | shape (m x n x k) | " + " | ".join(names) +
+    print("| threads | dtype | shape (m x n x k) | " + " | ".join(frameworks) +
           " | speed-up vs the faster peer | best-of |")
-    print("|---|---|---|" + "---|" * len(names) + "---|---|")
+    print("|---|---|---|" + "---|" * len(frameworks) + "---|---|")
     for r in rows:
         op = ("T" if r["trans_a"] else "N") + ("T" if r["trans_b"] else "N")
         print(f"| {r['threads']} | {r['dtype']} | {r['shape']} {r['m']}x{r['n']}x{r['k']} {op} | " +
-              " | ".join(f"{r['gflops'][p]:.1f}" for p in names) +
+              " | ".join(f"{r['gflops'][f]:.1f}" for f in frameworks) +
               f" | {r['speedup']:.2f} ({r['best_peer']}) | {r['speedup_best_of']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
