@@ -8,15 +8,19 @@ Shapes: squares 64 ... 2048 and the products of an MLP training step for
 configs (c) 784-256-128-10 at batch 128 and (d) 784-1024-1024-10 at batch 256
 (forward X W, weight gradient X^T dZ, input gradient dZ W^T). Each
 framework runs in its own worker process, with OMP/OPENBLAS/MKL_NUM_THREADS
-set before anything is imported (1 thread: pinned to one core), so no two
-thread pools share a process. Within a shape the frameworks are timed
-alternately, one sample each per round (a sample is a loop of calls lasting
-~20 ms, all writing into a preallocated out=), with a 0.2 s pause between
-frameworks at 2 threads (OpenBLAS and OpenMP workers keep spinning after a
-call). Results are checked against NumPy's first. The table gives median
-GFLOP/s and ``speed-up`` = the faster peer's median time / chainrule's (above
-1: chainrule is faster); ``best-of`` uses each side's fastest sample, which a
-busy host disturbs less.
+set before anything is imported (1 thread: pinned to one core), and only the
+one being timed runs: the others are stopped (SIGSTOP) between requests.
+Without that, on a 2-core host the idle OpenBLAS workers (which spin long
+after a call) shared the second core with the next framework's 2-thread
+OpenMP region and stalled it for milliseconds. Within a shape the frameworks
+are timed alternately, one sample each per round (a sample is a loop of calls
+lasting ~20 ms, all writing into a preallocated out=). Results are checked
+against NumPy's first. The table gives median GFLOP/s and ``speed-up`` = the
+faster peer's median time / chainrule's (above 1: chainrule is faster);
+``best-of`` uses each side's fastest sample, which a busy host disturbs less.
+At 2 threads the sub-millisecond products still vary run to run on a shared
+2-core host (any preempted vCPU stalls a 2-thread region); trust the 1-thread
+rows and the large 2-thread ones.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -110,14 +115,20 @@ class Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def ask(self, **req):
+        # Only the framework being asked runs: the others are stopped between
+        # requests, so their idle thread pools (OpenBLAS workers spin with
+        # sched_yield long after a call) cannot hold the second core.
+        self.proc.send_signal(signal.SIGCONT)
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
             raise SystemExit("bench_gemm: a worker died (see its error above)")
+        self.proc.send_signal(signal.SIGSTOP)
         return json.loads(line)
 
     def close(self):
+        self.proc.send_signal(signal.SIGCONT)
         self.proc.stdin.close()
         self.proc.wait()
 
@@ -128,9 +139,8 @@ def run_threads(threads, frameworks, args):
     shapes = [(f"{s}^3", s, s, s, False, False) for s in squares] + mlp_shapes()
     repeats = 3 if args.quick else 7
     target = 0.01 if args.quick else 0.02
-    # OpenBLAS and OpenMP workers spin for a while after a call; the next
-    # framework's second thread would share a core with them.
-    pause = 0.2 if threads > 1 else 0.0
+    # A short rest between frameworks at 2 threads (the idle ones are stopped).
+    pause = args.pause if threads > 1 else 0.0
     rows = []
     try:
         for dtype in args.dtype:
@@ -178,6 +188,8 @@ def main():
     ap.add_argument("--dtype", nargs="+", default=["float32", "float64"],
                     choices=["float32", "float64"])
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--pause", type=float, default=0.05,
+                    help="seconds between frameworks at 2+ threads (0.05)")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
