@@ -231,6 +231,14 @@ __attribute__((noinline)) void gemm_on_stack(bool trans_a, bool trans_b, idx m, 
 // by gemm_direct). Every element of C is one sequential sum over all of k,
 // whatever the thread count.
 
+// Row p of op(B): NV vectors, the last one masked (kl) when Masked.
+template <class V, typename T, int NV, bool Masked, class Mask>
+inline void load_row(const T* b, Mask kl, typename V::reg* bv) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+        bv[v] = Masked && v == NV - 1 ? V::load(kl, b + v * V::W) : V::load(b + v * V::W);
+}
+
 // op(A)(i, p) = a[p * lda + i] (trans_a) or a[i * lda + p].
 template <class V, typename T, int M, int NV, bool Masked, bool AT>
 inline void direct_tile(idx k, const T* __restrict a, idx lda, const T* __restrict b, idx ldb,
@@ -248,9 +256,7 @@ inline void direct_tile(idx k, const T* __restrict a, idx lda, const T* __restri
 #pragma GCC unroll 2
         for (idx p = 0; p < k; ++p) {
             reg bv[NV];
-#pragma GCC unroll 2
-            for (int v = 0; v < NV; ++v)
-                bv[v] = Masked && v == NV - 1 ? V::load(kl, b + v * W) : V::load(b + v * W);
+            load_row<V, T, NV, Masked>(b, kl, bv);
 #pragma GCC unroll 16
             for (int i = 0; i < M; ++i) {
                 const reg ai = V::set1(a[i]);
@@ -271,9 +277,7 @@ inline void direct_tile(idx k, const T* __restrict a, idx lda, const T* __restri
 #pragma GCC unroll 2
         for (idx p = 0; p < k; ++p) {
             reg bv[NV];
-#pragma GCC unroll 2
-            for (int v = 0; v < NV; ++v)
-                bv[v] = Masked && v == NV - 1 ? V::load(kl, b + v * W) : V::load(b + v * W);
+            load_row<V, T, NV, Masked>(b, kl, bv);
 #pragma GCC unroll 16
             for (int i = 0; i < M; ++i) {
                 const T* r = ag[i / 4];
