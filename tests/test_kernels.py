@@ -134,10 +134,18 @@ def test_gemm_matches_reference(isa, m, n, k, trans_a, trans_b, dtype, rng):
 
 
 # Shapes too big for the direct path, so they go through packing: K blocks
-# whose depth is not a multiple of the vector width (1001 -> 336, 336, 329),
+# whose depth is not a multiple of the vector width (1100 -> 4 x 224 + 204),
 # a k tail of 1 (257), exactly one and a partial MR-row sliver, a partial
 # NR-column sliver.
-PACKED_SHAPES = [(29, 70, 1001), (301, 299, 257), (14, 1000, 70), (13, 1000, 70)]
+PACKED_SHAPES = [(29, 70, 1100), (301, 299, 257), (14, 1000, 70), (13, 1000, 70)]
+
+# NN products that AVX-512 runs on the direct path with B read in place
+# (use_direct's deep rule, k <= 1024): the (c) forward 128 x 256 x 784 (1 KiB
+# rows of B in float32), partial tiles and strips (29 x 70), A in several L2
+# panels (300 x 100 x 1000: 130 rows per panel in float32, 65 in float64),
+# and rows past 128 with narrow B. The other transposes and ISAs take their
+# usual paths on the same shapes.
+DEEP_DIRECT_SHAPES = [(128, 256, 784), (29, 70, 1001), (300, 100, 1000), (131, 64, 1024)]
 
 
 @pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES, ids=TRANS_IDS)
@@ -151,6 +159,35 @@ def test_gemm_packed_path_edges(isa, m, n, k, trans_a, trans_b, dtype, rng):
                  out=c0.astype(np.float64))
     scale = gemm_scale(a, b, trans_a=trans_a, trans_b=trans_b, alpha=-0.5, beta=0.25, c=c0)
     assert_close(out, ref, dtype, k=k, scale=scale)
+
+
+@pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES, ids=TRANS_IDS)
+@pytest.mark.parametrize("m, n, k", DEEP_DIRECT_SHAPES)
+def test_gemm_deep_direct_shapes(isa, m, n, k, trans_a, trans_b, dtype, rng):
+    a, b = _ab(rng, m, n, k, trans_a, trans_b, dtype)
+    c0 = random(rng, (m, n), dtype)
+    for alpha, beta in ((1.0, 0.0), (-0.5, 0.25)):
+        out = c0.copy()
+        K.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta, out=out)
+        ref = R.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta,
+                     out=c0.astype(np.float64))
+        scale = gemm_scale(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta, c=c0)
+        assert_close(out, ref, dtype, k=k, scale=scale)
+
+
+# (n, d_in, d_out): B wider than A is tall, so 2 threads take column strips
+# (bias and activation offset per strip); then A taller than B is wide, so
+# they take row tiles, each in L2 panels.
+@pytest.mark.parametrize("n, d_in, d_out", [(128, 784, 256), (300, 1000, 100)])
+def test_dense_forward_deep_direct_threads(isa, n, d_in, d_out, dtype, rng):
+    x = random(rng, (n, d_in), dtype)
+    w = random(rng, (d_in, d_out), dtype, -2.0 / np.sqrt(d_in), 2.0 / np.sqrt(d_in))
+    b = random(rng, (d_out,), dtype)
+    y1, y2 = _two_threads(lambda: K.dense_forward(x, w, b, activation="leaky_relu",
+                                                  negative_slope=0.1))
+    _assert_bits_equal_nested(y1, y2)
+    ref = R.dense_forward(x, w, b, activation="leaky_relu", negative_slope=0.1)
+    assert_close(y2, ref, dtype, k=d_in, scale=gemm_scale(x, w) + np.abs(b.astype(np.float64)))
 
 
 # n == 1 (one output column) runs as a matrix-vector product: rows around the

@@ -220,6 +220,7 @@ struct MicroKernel : micro::SimdPacking<T> {  // SIMD packing: pack_simd.hpp
     // the same either way).
     using V = micro::Vec<T>;
     static constexpr bool kDirect = true;
+    static constexpr bool kDirectDeep = true;  // see use_direct (gemm_impl.hpp)
     static constexpr int MRD = 13;
 
 
