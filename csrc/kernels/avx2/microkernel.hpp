@@ -177,6 +177,7 @@ struct MicroKernel : micro::SimdPacking<T> {  // SIMD packing: pack_simd.hpp
     // The unpacked small-problem path (gemm_impl.hpp, direct_tile): vector
     // type and rows per tile (MRD x 2 vectors: 12 accumulators, as above).
     using V = micro::Vec<T>;
+    static constexpr bool kAInPlace = false;  // A is always packed (gemm_blocked)
     static constexpr bool kDirect = true;
     // Deep products with B read in place (use_direct, gemm_impl.hpp): no gain
     // here (float32 128x256x784 0.87x, 64x128x784 1.05x of the packed path).

@@ -65,9 +65,11 @@ struct Vec<double> {
 // not read". M is a template parameter so that an edge sliver with few rows
 // runs only its own FMAs (m = 1 inference costs 1/13 of a full tile, not all
 // of it); the column edge uses masked loads/stores, so no tile buffer is needed.
-template <typename T, int M, int MR>
+// AIn: A is read where it lies (row i of the tile at a + i * lda, one
+// column per k step) instead of from a packed MR-wide sliver.
+template <typename T, int M, int MR, bool AIn = false>
 inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T* c, idx ldc,
-                        int nr, const T* alpha_beta, const T* bias) {
+                        int nr, const T* alpha_beta, const T* bias, idx lda = 0) {
     using V = Vec<T>;
     using reg = typename V::reg;
     constexpr int W = V::W;
@@ -86,21 +88,49 @@ inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T*
         c1[i] = V::zero();
     }
 
+    if constexpr (!AIn) {
 #pragma GCC unroll 4
-    for (idx p = 0; p < kc; ++p) {
-        // The B sliver streams from L2 (only A stays in L1): fetch 8 k steps ahead.
-        _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W + W), _MM_HINT_T0);
-        const reg b0 = V::load(b);
-        const reg b1 = V::load(b + W);
+        for (idx p = 0; p < kc; ++p) {
+            // The B sliver streams from L2 (only A stays in L1): fetch 8 k steps ahead.
+            _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W + W), _MM_HINT_T0);
+            const reg b0 = V::load(b);
+            const reg b1 = V::load(b + W);
 #pragma GCC unroll 14
-        for (int i = 0; i < M; ++i) {
-            const reg ai = V::set1(a[i]);
-            c0[i] = V::fmadd(ai, b0, c0[i]);
-            c1[i] = V::fmadd(ai, b1, c1[i]);
+            for (int i = 0; i < M; ++i) {
+                const reg ai = V::set1(a[i]);
+                c0[i] = V::fmadd(ai, b0, c0[i]);
+                c1[i] = V::fmadd(ai, b1, c1[i]);
+            }
+            a += MR;
+            b += 2 * W;
         }
-        a += MR;
-        b += 2 * W;
+    } else {
+        // Rows in groups of four: one moving pointer per group plus the
+        // offsets lda, 2 lda, 3 lda (as the direct tiles in gemm_impl.hpp).
+        constexpr int G = (M + 3) / 4;
+        const T* ag[G];
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) ag[g] = a + 4 * g * lda;
+        const idx l1 = lda, l2 = 2 * lda, l3 = 3 * lda;
+#pragma GCC unroll 2
+        for (idx p = 0; p < kc; ++p) {
+            _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W + W), _MM_HINT_T0);
+            const reg b0 = V::load(b);
+            const reg b1 = V::load(b + W);
+#pragma GCC unroll 14
+            for (int i = 0; i < M; ++i) {
+                const T* r = ag[i / 4];
+                const idx off = i % 4 == 0 ? 0 : i % 4 == 1 ? l1 : i % 4 == 2 ? l2 : l3;
+                const reg ai = V::set1(r[off]);
+                c0[i] = V::fmadd(ai, b0, c0[i]);
+                c1[i] = V::fmadd(ai, b1, c1[i]);
+            }
+#pragma GCC unroll 4
+            for (int g = 0; g < G; ++g) ++ag[g];
+            b += 2 * W;
+        }
     }
 
     const T alpha = alpha_beta[0], beta = alpha_beta[1];
@@ -234,6 +264,31 @@ struct MicroKernel : micro::SimdPacking<T> {  // SIMD packing: pack_simd.hpp
         switch (mr) {
 #define CHAINRULE_MK_CASE(M) \
     case M: micro::kernel_rows<T, M, MR>(kc, a, b, c, ldc, nr, alpha_beta, bias); return;
+            CHAINRULE_MK_CASE(13)
+            CHAINRULE_MK_CASE(12)
+            CHAINRULE_MK_CASE(11)
+            CHAINRULE_MK_CASE(10)
+            CHAINRULE_MK_CASE(9)
+            CHAINRULE_MK_CASE(8)
+            CHAINRULE_MK_CASE(7)
+            CHAINRULE_MK_CASE(6)
+            CHAINRULE_MK_CASE(5)
+            CHAINRULE_MK_CASE(4)
+            CHAINRULE_MK_CASE(3)
+            CHAINRULE_MK_CASE(2)
+            CHAINRULE_MK_CASE(1)
+#undef CHAINRULE_MK_CASE
+            default: return;
+        }
+    }
+
+    // As run, with A read in place: rows a + i * lda (see kernel_rows).
+    static constexpr bool kAInPlace = true;
+    static void run_a(idx kc, const T* a, idx lda, const T* b, T* c, idx ldc, int mr, int nr,
+                    const T* alpha_beta, const T* bias) {
+        switch (mr) {
+#define CHAINRULE_MK_CASE(M) \
+    case M: micro::kernel_rows<T, M, MR, true>(kc, a, b, c, ldc, nr, alpha_beta, bias, lda); return;
             CHAINRULE_MK_CASE(13)
             CHAINRULE_MK_CASE(12)
             CHAINRULE_MK_CASE(11)

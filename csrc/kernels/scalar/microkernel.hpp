@@ -16,6 +16,7 @@ struct MicroKernel {
     static constexpr idx KC = 256;
     static constexpr idx NC = sizeof(T) == 4 ? 512 : 256;
     // No unpacked small-problem path: the scalar ISA always packs.
+    static constexpr bool kAInPlace = false;  // A is always packed (gemm_blocked)
     static constexpr bool kDirect = false;
     static constexpr bool kSimdPack = false;  // generic packing loops (gemm_impl.hpp)
 
