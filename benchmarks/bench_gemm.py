@@ -4,9 +4,9 @@
     python benchmarks/bench_gemm.py --quick          # fewer shapes and repeats
     python benchmarks/bench_gemm.py --threads 1 --dtype float32
 
-Shapes: squares 64 ... 2048 and the products of an MLP training step for
-configs (c) 784-256-128-10 at batch 128 and (d) 784-1024-1024-10 at batch 256
-(forward X W, weight gradient X^T dZ, input gradient dZ W^T). Each
+Shapes: squares 8 ... 2048 (up to 64 the call overhead dominates) and the
+products of an MLP training step for configs (c) 784-256-128-10 at batch
+128 and (d) 784-1024-1024-10 at batch 256 (forward X W, weight gradient X^T dZ, input gradient dZ W^T). Each
 framework runs in its own worker process, with OMP/OPENBLAS/MKL_NUM_THREADS
 set before anything is imported (1 thread: pinned to one core), and only the
 one being timed runs: the others are stopped (SIGSTOP) between requests.
@@ -39,8 +39,8 @@ import numpy as np
 
 from bench_kernels import calibrate, sample  # the same timing loop as the kernel benchmark
 
-SQUARES = (64, 128, 256, 512, 1024, 2048)
-QUICK_SQUARES = (64, 256, 1024)
+SQUARES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+QUICK_SQUARES = (16, 64, 256, 1024)
 
 
 def mlp_shapes():

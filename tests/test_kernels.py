@@ -298,6 +298,76 @@ def test_gemm_strided_and_fortran_inputs(trans_a, trans_b, dtype, rng):
     assert bits_equal(got, expected)
 
 
+# gemm's fast entry (fast_gemm in csrc/bindings/module.cpp) parses a, b by
+# position and keywords with exact bool/float/int values itself; every other
+# call goes to the pybind11 binding _core._gemm. Both must give the same bits.
+FAST_ENTRY_KWARGS = [
+    {},
+    {"trans_a": True},
+    {"trans_a": False, "trans_b": True},
+    {"alpha": 2},              # int
+    {"alpha": -0.5, "beta": 0.25, "out": "c"},
+    {"beta": 1, "out": "c"},
+    {"out": "c", "trans_b": True, "alpha": 1.5},  # any keyword order
+    {"out": None},
+    # Left to pybind11: other types for the flags and scalars.
+    {"trans_a": np.True_},
+    {"trans_b": 1},
+    {"alpha": np.float32(0.5), "beta": np.float64(-1.0), "out": "c"},
+    {"alpha": True},
+]
+
+
+@pytest.mark.parametrize("kwargs", FAST_ENTRY_KWARGS, ids=lambda kw: repr(kw))
+def test_gemm_fast_entry_matches_binding(kwargs, dtype, rng):
+    from chainrule import _core
+    m = n = k = 5
+    a, b = random(rng, (m, k), dtype), random(rng, (k, n), dtype)
+    c0 = random(rng, (m, n), dtype)
+
+    def call(fn):
+        kw = {key: (c0.copy() if v == "c" else v) for key, v in kwargs.items()}
+        res = fn(a, b, **kw)
+        if isinstance(kw.get("out"), np.ndarray):
+            assert res is kw["out"]
+        return res
+
+    assert bits_equal(call(K.gemm), call(_core._gemm))
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    ((1,), {}),                                   # b missing
+    ((1, 2, 3), {}),                              # a third positional
+    ((), {"a": 1, "b": 2}),                       # a and b by keyword: fine in pybind11
+    ((1, 2), {"bogus": 1}),
+    ((1, 2), {"alpha": "x"}),
+    ((1, 2), {"beta": 10 ** 400}),                # int too large for a double
+    ((1, 2), {"trans_a": "yes", "out": None}),
+])
+def test_gemm_fast_entry_errors_match_binding(args, kwargs, rng):
+    from chainrule import _core
+    a, b = random(rng, (3, 3), np.float64), random(rng, (3, 3), np.float64)
+    vals = {1: a, 2: b, 3: True}
+    args = tuple(vals[v] for v in args)
+    kwargs = {key: (vals[v] if key in ("a", "b") else v) for key, v in kwargs.items()}
+    outcomes = []
+    for fn in (K.gemm, _core._gemm):
+        try:
+            outcomes.append(("ok", fn(*args, **kwargs).tobytes()))
+        except Exception as e:  # noqa: BLE001 - the two entries must fail alike
+            outcomes.append((type(e).__name__, str(e)))
+    assert outcomes[0] == outcomes[1]
+    if outcomes[0][0] != "ok":
+        assert outcomes[0][0] == "TypeError" and outcomes[0][1].startswith("gemm(): ")
+
+
+def test_gemm_fast_entry_signature():
+    import inspect
+    sig = inspect.signature(K.gemm)
+    assert str(sig) == "(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None)"
+    assert K.gemm.__name__ == "gemm" and K.gemm.__doc__.startswith("C = alpha * op(a)")
+
+
 def test_gemm_transposed_view_equals_trans_flag(dtype, rng):
     a = random(rng, (17, 33), dtype)
     b = random(rng, (17, 9), dtype)

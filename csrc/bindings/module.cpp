@@ -91,6 +91,108 @@ py::object gemm_impl(py::handle a_in, py::handle b_in, bool ta, bool tb, double 
     return std::move(c);
 }
 
+// The public gemm: a METH_FASTCALL function in front of the pybind11 binding
+// (registered as _gemm). pybind11 finds each keyword argument by name on every
+// call that has any (about 0.3 us, as long as a 16 x 16 product takes), and
+// gemm is the kernel called in loops on small matrices. This entry parses the
+// common call itself: a and b by position, keywords of the signature with
+// exact True/False, float or int values. Every other call (other types, a or b
+// by keyword, a wrong keyword) goes on to _gemm unchanged, so conversions and
+// error messages are pybind11's.
+namespace fast_gemm {
+
+PyObject* binding = nullptr;  // _gemm; the module holds it too
+PyObject* names[5] = {};      // trans_a, trans_b, alpha, beta, out (interned)
+
+int keyword_index(PyObject* key) {
+    for (int i = 0; i < 5; ++i)
+        if (key == names[i]) return i;
+    for (int i = 0; i < 5; ++i)
+        if (PyUnicode_Compare(key, names[i]) == 0) return i;
+    PyErr_Clear();  // PyUnicode_Compare on a non-str key
+    return -1;
+}
+
+// Exact bool -> 0/1; anything else -> -1 (left to pybind11).
+int exact_bool(PyObject* v) { return v == Py_True ? 1 : v == Py_False ? 0 : -1; }
+
+// Exact float or int -> true and *x; anything else -> false (left to pybind11).
+bool exact_number(PyObject* v, double* x) {
+    if (PyFloat_CheckExact(v)) {
+        *x = PyFloat_AS_DOUBLE(v);
+        return true;
+    }
+    if (PyLong_CheckExact(v)) {
+        *x = PyLong_AsDouble(v);
+        if (*x == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return false;
+        }
+        return true;
+    }
+    return false;
+}
+
+PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargsf, PyObject* kwnames) {
+    const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    bool ta = false, tb = false;
+    double alpha = 1.0, beta = 0.0;
+    PyObject* out = Py_None;
+    bool fast = nargs == 2;
+    for (Py_ssize_t i = 0; fast && i < nkw; ++i) {
+        PyObject* v = args[nargs + i];
+        switch (keyword_index(PyTuple_GET_ITEM(kwnames, i))) {
+            case 0: fast = exact_bool(v) >= 0, ta = v == Py_True; break;
+            case 1: fast = exact_bool(v) >= 0, tb = v == Py_True; break;
+            case 2: fast = exact_number(v, &alpha); break;
+            case 3: fast = exact_number(v, &beta); break;
+            case 4: out = v; break;
+            default: fast = false;
+        }
+    }
+    if (!fast) return PyObject_Vectorcall(binding, args, nargsf, kwnames);
+    try {
+        py::object c = by_dtype("gemm", "a", args[0], [&](auto t) {
+            return gemm_impl<decltype(t)>(args[0], args[1], ta, tb, alpha, beta, out);
+        });
+        return c.release().ptr();
+    } catch (py::error_already_set& e) {
+        e.restore();
+    } catch (py::builtin_exception& e) {
+        e.set_error();
+    } catch (const std::bad_alloc&) {
+        PyErr_NoMemory();
+    } catch (const std::exception& e) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+    return nullptr;
+}
+
+PyMethodDef def = {
+    "gemm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&call)),
+    METH_FASTCALL | METH_KEYWORDS,
+    "gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None)\n--\n\n"
+    "C = alpha * op(a) @ op(b) + beta * C.\n\n"
+    "op(a) is (m, k): a.T if trans_a else a; op(b) is (k, n). float32 or float64,\n"
+    "both the same dtype. With beta != 0, out= holds C and is updated in place;\n"
+    "with beta == 0, out is never read. Returns C of shape (m, n)."};
+
+void add(py::module_& m) {
+    const char* keys[5] = {"trans_a", "trans_b", "alpha", "beta", "out"};
+    for (int i = 0; i < 5; ++i) {
+        names[i] = PyUnicode_InternFromString(keys[i]);
+        if (!names[i]) throw py::error_already_set();
+    }
+    binding = py::object(m.attr("_gemm")).release().ptr();  // kept for the module's life
+    py::object module_name = m.attr("__name__");
+    PyObject* f = PyCFunction_NewEx(&def, nullptr, module_name.ptr());
+    if (!f) throw py::error_already_set();
+    m.add_object("gemm", py::reinterpret_steal<py::object>(f));
+}
+
+}  // namespace fast_gemm
+
 // ---------------------------------------------------------------- dense
 template <typename T>
 py::object dense_forward_impl(py::handle x_in, py::handle w_in, py::handle b_in,
@@ -510,21 +612,26 @@ PYBIND11_MODULE(_core, m) {
         return d;
     });
 
-    m.def(
-        "gemm",
+    // The full binding, named gemm in its messages and kept as _gemm: the
+    // public gemm (fast_gemm above) parses the common calls and passes the
+    // others on to it.
+    m.add_object(
+        "_gemm",
+        py::cpp_function(
         [](py::object a, py::object b, bool ta, bool tb, double alpha, double beta,
            py::object out) {
             return by_dtype("gemm", "a", a, [&](auto t) {
                 return gemm_impl<decltype(t)>(a, b, ta, tb, alpha, beta, out);
             });
         },
-        "a"_a, "b"_a, py::kw_only(), "trans_a"_a = false, "trans_b"_a = false, "alpha"_a = 1.0,
+        py::name("gemm"), py::scope(m), "a"_a, "b"_a, py::kw_only(), "trans_a"_a = false, "trans_b"_a = false, "alpha"_a = 1.0,
         "beta"_a = 0.0, "out"_a = py::none(),
         R"doc(C = alpha * op(a) @ op(b) + beta * C.
 
 op(a) is (m, k): a.T if trans_a else a; op(b) is (k, n). float32 or float64,
 both the same dtype. With beta != 0, out= holds C and is updated in place;
-with beta == 0, out is never read. Returns C of shape (m, n).)doc");
+with beta == 0, out is never read. Returns C of shape (m, n).)doc"));
+    fast_gemm::add(m);
 
     m.def(
         "dense_forward",
