@@ -261,34 +261,26 @@ struct MicroKernel : micro::SimdPacking<T> {  // SIMD packing: pack_simd.hpp
     // 1 <= mr <= MR, 1 <= nr <= NR; beta == 0: C is not read; bias may be null.
     static void run(idx kc, const T* a, const T* b, T* c, idx ldc, int mr, int nr,
                     const T* alpha_beta, const T* bias) {
-        switch (mr) {
-#define CHAINRULE_MK_CASE(M) \
-    case M: micro::kernel_rows<T, M, MR>(kc, a, b, c, ldc, nr, alpha_beta, bias); return;
-            CHAINRULE_MK_CASE(13)
-            CHAINRULE_MK_CASE(12)
-            CHAINRULE_MK_CASE(11)
-            CHAINRULE_MK_CASE(10)
-            CHAINRULE_MK_CASE(9)
-            CHAINRULE_MK_CASE(8)
-            CHAINRULE_MK_CASE(7)
-            CHAINRULE_MK_CASE(6)
-            CHAINRULE_MK_CASE(5)
-            CHAINRULE_MK_CASE(4)
-            CHAINRULE_MK_CASE(3)
-            CHAINRULE_MK_CASE(2)
-            CHAINRULE_MK_CASE(1)
-#undef CHAINRULE_MK_CASE
-            default: return;
-        }
+        rows<false>(kc, a, 0, b, c, ldc, mr, nr, alpha_beta, bias);
     }
 
-    // As run, with A read in place: rows a + i * lda (see kernel_rows).
+    // As run, with A read in place: row i of the tile at a + i * lda
+    // (gemm_blocked uses it when A is row-major and meets few B slivers).
     static constexpr bool kAInPlace = true;
     static void run_a(idx kc, const T* a, idx lda, const T* b, T* c, idx ldc, int mr, int nr,
-                    const T* alpha_beta, const T* bias) {
+                      const T* alpha_beta, const T* bias) {
+        rows<true>(kc, a, lda, b, c, ldc, mr, nr, alpha_beta, bias);
+    }
+
+  private:
+    template <bool AIn>
+    static void rows(idx kc, const T* a, idx lda, const T* b, T* c, idx ldc, int mr, int nr,
+                     const T* alpha_beta, const T* bias) {
         switch (mr) {
-#define CHAINRULE_MK_CASE(M) \
-    case M: micro::kernel_rows<T, M, MR, true>(kc, a, b, c, ldc, nr, alpha_beta, bias, lda); return;
+#define CHAINRULE_MK_CASE(M)                                                                  \
+    case M:                                                                                   \
+        micro::kernel_rows<T, M, MR, AIn>(kc, a, b, c, ldc, nr, alpha_beta, bias, lda);       \
+        return;
             CHAINRULE_MK_CASE(13)
             CHAINRULE_MK_CASE(12)
             CHAINRULE_MK_CASE(11)
