@@ -108,6 +108,41 @@ def test_train_step_is_bit_identical_across_threads(threads, rng):
     assert l1 == l2 and bits_equal(G1, G2)
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_train_step_with_update_is_bit_identical_across_threads(kind, accumulate, rng):
+    """Three steps with a fused update (or accumulated gradients), L2 and
+    gradient norms: 2 threads (the 300-256 layer's products split, the
+    smaller layers' not) give 1 thread's bits in every output and state."""
+    dims = [300, 256, 64, 10]
+    plan = _core.MLPPlan(dims, ["tanh", "relu", "identity"], "float64")
+    start = rng.standard_normal(plan.n_params) * 0.05
+    X = rng.standard_normal((400, 300))
+    y = rng.integers(0, 10, 400)
+    results = []
+    for threads in (1, 2):
+        cr.set_num_threads(threads)  # restored by conftest
+        P = start.copy()
+        G = np.full_like(P, 0.5) if accumulate else np.zeros_like(P)
+        m, v = np.zeros_like(P), np.zeros_like(P)
+        norms, losses = np.zeros(3), []
+        for step in range(3):
+            idx = np.arange(step * 128, (step + 1) * 128)
+            update = ({"kind": "sgd", "lr": 0.1, "momentum": 0.9, "momentum_buffer": m,
+                       "first_step": step == 0} if kind == "sgd" else
+                      {"kind": "adam", "lr": 0.01, "step": step + 1, "exp_avg": m,
+                       "exp_avg_sq": v})
+            losses.append(plan.train_step(P, G, X, y, loss="softmax_cross_entropy", indices=idx,
+                                          l2=1e-3, grad_norms=norms, accumulate=accumulate,
+                                          update=None if accumulate else update))
+        results.append((P, G, m, v, norms, losses))
+    (P1, G1, m1, v1, n1, l1), (P2, G2, m2, v2, n2, l2) = results
+    assert l1 == l2 and bits_equal(n1, n2) and bits_equal(G1, G2)
+    assert bits_equal(P1, P2) and bits_equal(m1, m2) and bits_equal(v1, v2)
+    if not accumulate:
+        assert np.mean(P1 != start) > 0.999
+
+
 def test_bad_input_is_rejected_with_a_message():
     with pytest.raises(ValueError, match="expected at least 2"):
         _core.MLPPlan([3], [], "float32")
