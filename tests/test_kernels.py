@@ -134,7 +134,8 @@ def test_gemm_matches_reference(isa, m, n, k, trans_a, trans_b, dtype, rng):
 
 
 # Shapes too big for the direct path, so they go through packing: K blocks
-# whose depth is not a multiple of the vector width (1100 -> 4 x 224 + 204),
+# whose depth is not a multiple of the vector width (1100 -> 4 x 224 + 204
+# with A packed; 560 + 540 where AVX-512 reads a row-major A in place),
 # a k tail of 1 (257), exactly one and a partial MR-row sliver, a partial
 # NR-column sliver.
 PACKED_SHAPES = [(29, 70, 1100), (301, 299, 257), (14, 1000, 70), (13, 1000, 70)]
@@ -266,7 +267,11 @@ def test_gemm_larger_than_l2(isa_name, trans_a, trans_b, rng):
 
 
 @pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES, ids=TRANS_IDS)
-@pytest.mark.parametrize("m, n, k", [(300, 300, 300), (301, 299, 257)])
+# The last two have K blocks deeper than 256 where AVX-512 reads a row-major
+# A in place (2 x 450 for k = 900): rows split across threads (400 x 200),
+# then columns (200 x 400); the blocking follows the whole product's shape.
+@pytest.mark.parametrize("m, n, k", [(300, 300, 300), (301, 299, 257), (400, 200, 900),
+                                     (200, 400, 900)])
 def test_gemm_threads_bit_identical(isa, m, n, k, trans_a, trans_b, dtype, rng):
     a, b = _ab(rng, m, n, k, trans_a, trans_b, dtype)
     c0 = random(rng, (m, n), dtype)

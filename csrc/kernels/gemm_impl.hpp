@@ -165,28 +165,63 @@ void scale_rows(idx m, idx n, T beta, T* c, idx ldc, const Epilogue<T>& ep, int 
     for (idx i = 0; i < m; ++i) scale_row(n, beta, c + i * ldc, ep);
 }
 
-// Most B slivers per call for which gemm_blocked reads a row-major A in place.
+// How gemm_blocked cuts K and whether it packs A, from the whole product's
+// shape (never a thread's share of it, so the bits do not depend on the
+// thread count).
+//
+// A row-major A that meets at most kAInPlaceMaxSlivers B slivers is read in
+// place by the micro-kernel (MicroKernel::run_a: the same FMAs in the same
+// order as from a packed sliver) instead of packed: packing a sliver costs
+// about as much as a few micro-kernel calls. Its K blocks then go up to
+// kAInPlaceMaxKC deep, as far as a B panel of kAInPlacePanelBytes allows:
+// with no A sliver to keep in L1, fewer K blocks mean fewer passes of C
+// through the caches. Measured on AVX-512, 1 thread, float32 1024x256x784:
+// packed A 141 GFLOP/s, in place with 256-deep K blocks 146, with one
+// 784-deep block 167; float64 1024x128x784 1.10x with the first step alone.
+// 2048^3 (64 slivers) read in place measured 0.97x, so wide B keeps packing.
 constexpr idx kAInPlaceMaxSlivers = 16;
+constexpr idx kAInPlaceMaxKC = 1024;
+constexpr double kAInPlacePanelBytes = 1024.0 * 1024.0;
+
+struct Blocking {
+    idx kc;           // K block depth (the last block may be shorter)
+    bool a_in_place;  // A read in place (run_a), not packed
+};
+
+template <typename T>
+Blocking blocking_for(bool trans_a, idx n, idx k) {
+    using MK = MicroKernel<T>;
+    const idx n_slivers = ceil_div(n, MK::NR);
+    const bool in_place = MK::kAInPlace && !trans_a && n_slivers <= kAInPlaceMaxSlivers;
+    idx cap = MK::KC;
+    if (in_place) {
+        const idx fit = idx(kAInPlacePanelBytes / (double(n_slivers * MK::NR) * sizeof(T)));
+        cap = min_i(kAInPlaceMaxKC, fit > cap ? fit : cap);
+    }
+    return {balanced_block(k, cap, 64 / sizeof(T)), in_place};
+}
+
+// Deepest K block of any Blocking: sizes the packing buffers.
+template <typename T>
+constexpr idx max_kc() {
+    return MicroKernel<T>::kAInPlace && kAInPlaceMaxKC > MicroKernel<T>::KC ? kAInPlaceMaxKC
+                                                                             : MicroKernel<T>::KC;
+}
 
 // The blocked loops over one block of C, on the calling thread.
-// bpanel holds kc_max x nc_cap values, asliver kc_max x MR.
+// bpanel holds blk.kc x nc_cap values, asliver blk.kc x MR (unused when A is
+// read in place).
 template <typename T>
 void gemm_blocked(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const T* a, idx lda,
                   const T* b, idx ldb, T beta, T* c, idx ldc, const Epilogue<T>& ep, idx nc_cap,
-                  T* bpanel, T* asliver) {
+                  const Blocking& blk, T* bpanel, T* asliver) {
     using MK = MicroKernel<T>;
     constexpr int MR = MK::MR;
     constexpr int NR = MK::NR;
-    const idx kc_blk = balanced_block(k, MK::KC, 64 / sizeof(T));
+    const idx kc_blk = blk.kc;
     const idx nc_blk = balanced_block(n, nc_cap, NR);
     const bool elementwise_act = ep.act != Act::identity;
-    // A row-major A that meets few B slivers is read in place rather than
-    // packed (MicroKernel::run_a; the same FMAs in the same order, so the
-    // same bits): packing a sliver costs about as much as a few micro-kernel
-    // calls. Measured on AVX-512 against packing A, 1 thread: float32
-    // 1024x256x784 1.03-1.05x, 1024x256x1536 1.07x, 512x512x512 1.01x;
-    // float64 1024x128x784 1.10x; but 2048^3 (64 slivers) 0.97x.
-    const bool a_in_place = MK::kAInPlace && !trans_a && ceil_div(n, NR) <= kAInPlaceMaxSlivers;
+    const bool a_in_place = blk.a_in_place;
 
     for (idx jc = 0; jc < n; jc += nc_blk) {
         const idx nc = min_i(nc_blk, n - jc);
@@ -227,16 +262,17 @@ void gemm_blocked(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, cons
 
 // Out of memory: one B sliver at a time from the stack, one thread. Same K
 // blocking, so the same bits as the normal path. Kept out of line so that the
-// common path does not reserve this stack frame.
+// common path does not reserve this stack frame (up to 141 KiB).
 template <typename T>
 __attribute__((noinline)) void gemm_on_stack(bool trans_a, bool trans_b, idx m, idx n, idx k,
                                              T alpha, const T* a, idx lda, const T* b, idx ldb,
-                                             T beta, T* c, idx ldc, const Epilogue<T>& ep) {
+                                             T beta, T* c, idx ldc, const Epilogue<T>& ep,
+                                             const Blocking& blk) {
     using MK = MicroKernel<T>;
-    alignas(64) T bbuf[MK::KC * MK::NR];
-    alignas(64) T abuf[MK::KC * MK::MR];
+    alignas(64) T bbuf[max_kc<T>() * MK::NR];
+    alignas(64) T abuf[MK::KC * MK::MR];  // A is packed only with K blocks of at most KC
     gemm_blocked<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep, MK::NR,
-                    bbuf, abuf);
+                    blk, bbuf, abuf);
 }
 
 // ---------------------------------------------------------------- direct path
@@ -696,19 +732,20 @@ void gemm_driver(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const
                                 : m_slivers < nt && n_slivers > m_slivers;
     nt = min_i(nt, split_n ? n_slivers : m_slivers);
 
-    const idx kc_max = min_i(k, MK::KC);
+    const Blocking blk = blocking_for<T>(trans_a, n, k);
+    const idx kc_max = min_i(k, blk.kc);
     const idx nc_max = min_i(NR * (split_n ? ceil_div(n_slivers, nt) : n_slivers), MK::NC);
     constexpr idx align = 64 / sizeof(T);
     const idx b_size = round_up(kc_max * nc_max, align), a_size = round_up(kc_max * MR, align);
     T* const scratch = detail::thread_scratch<T>(std::size_t((b_size + a_size) * nt));
     if (!scratch) {
-        gemm_on_stack<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep);
+        gemm_on_stack<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep, blk);
         return;
     }
 
     if (nt <= 1) {
         gemm_blocked<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep, MK::NC,
-                        scratch, scratch + b_size);
+                        blk, scratch, scratch + b_size);
         return;
     }
 #pragma omp parallel for num_threads(int(nt)) schedule(static, 1)
@@ -721,12 +758,12 @@ void gemm_driver(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const
             if (ep.bias) ept.bias = ep.bias + j0;
             const T* bt = trans_b ? b + j0 * ldb : b + j0;
             gemm_blocked<T>(trans_a, trans_b, m, j1 - j0, k, alpha, a, lda, bt, ldb, beta, c + j0,
-                            ldc, ept, MK::NC, bpanel, asliver);
+                            ldc, ept, MK::NC, blk, bpanel, asliver);
         } else {
             const idx i0 = MR * (m_slivers * t / nt), i1 = min_i(m, MR * (m_slivers * (t + 1) / nt));
             const T* at = trans_a ? a + i0 : a + i0 * lda;
             gemm_blocked<T>(trans_a, trans_b, i1 - i0, n, k, alpha, at, lda, b, ldb, beta,
-                            c + i0 * ldc, ldc, ep, MK::NC, bpanel, asliver);
+                            c + i0 * ldc, ldc, ep, MK::NC, blk, bpanel, asliver);
         }
     }
 }
