@@ -141,12 +141,14 @@ def test_gemm_matches_reference(isa, m, n, k, trans_a, trans_b, dtype, rng):
 PACKED_SHAPES = [(29, 70, 1100), (301, 299, 257), (14, 1000, 70), (13, 1000, 70)]
 
 # NN products that AVX-512 runs on the direct path with B read in place
-# (use_direct's deep rule, k <= 1024): the (c) forward 128 x 256 x 784 (1 KiB
-# rows of B in float32), partial tiles and strips (29 x 70), A in several L2
-# panels (300 x 100 x 1000: 130 rows per panel in float32, 65 in float64),
-# and rows past 128 with narrow B. The other transposes and ISAs take their
-# usual paths on the same shapes.
-DEEP_DIRECT_SHAPES = [(128, 256, 784), (29, 70, 1001), (300, 100, 1000), (131, 64, 1024)]
+# (use_direct's deep rule, k <= 1024, fewer than 256 rows): the (c) forward
+# 128 x 256 x 784 (1 KiB rows of B in float32), partial tiles and strips
+# (29 x 70), A in several L2 panels (200 x 60 x 1000: 130 rows per panel in
+# float32, 65 in float64), rows past 128 with narrow B; 300 x 100 x 1000 just past the rule,
+# on the blocked path with A read in place. The other transposes and ISAs
+# take their usual paths on the same shapes.
+DEEP_DIRECT_SHAPES = [(128, 256, 784), (29, 70, 1001), (200, 60, 1000), (131, 64, 1024),
+                      (300, 100, 1000)]
 
 
 @pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES, ids=TRANS_IDS)
@@ -178,8 +180,8 @@ def test_gemm_deep_direct_shapes(isa, m, n, k, trans_a, trans_b, dtype, rng):
 
 # (n, d_in, d_out): B wider than A is tall, so 2 threads take column strips
 # (bias and activation offset per strip); then A taller than B is wide, so
-# they take row tiles, each in L2 panels.
-@pytest.mark.parametrize("n, d_in, d_out", [(128, 784, 256), (300, 1000, 100)])
+# they take row tiles, each in L2 panels (65 rows in float64).
+@pytest.mark.parametrize("n, d_in, d_out", [(128, 784, 256), (200, 1000, 60)])
 def test_dense_forward_deep_direct_threads(isa, n, d_in, d_out, dtype, rng):
     x = random(rng, (n, d_in), dtype)
     w = random(rng, (d_in, d_out), dtype, -2.0 / np.sqrt(d_in), 2.0 / np.sqrt(d_in))

@@ -419,15 +419,17 @@ constexpr idx kDirectMaxK = 512;
 // through a layer, stays on this path).
 constexpr idx kDirectMaxKInPlace = 4096;
 
-// Deeper products with A and B both row-major (a layer's forward X W) also
-// take the direct path where the ISA allows it (MicroKernel::kDirectDeep):
-// B's k x 2W column strip is then read from L2 in place, one 2W-wide row
-// segment per k step, so B is never packed. That pays when the strip's rows
-// spread over enough cache sets: rows of at most 512 bytes, or 1 KiB when A
-// is short (its rows are re-read for every strip). Measured on AVX-512 in
-// float32, against the packed path: 128x256x784 1.10x, 64x128x784 1.41x,
-// 1024x128x784 1.13x; 2 KiB rows (n = 512) fell to 0.5-0.9x, as did k = 2048
-// with 1 KiB rows.
+// Deeper products with A and B both row-major (a layer's forward X W on a
+// mini-batch) also take the direct path where the ISA allows it
+// (MicroKernel::kDirectDeep): B's k x 2W column strip is then read from L2 in
+// place, one 2W-wide row segment per k step, so B is never packed. That pays
+// when A is short (its rows are re-read for every strip) and the strip's rows
+// spread over enough cache sets: rows of at most 512 bytes, or 1 KiB for at
+// most 128 rows of A. Measured on AVX-512 in float32 against the blocked path
+// (A read in place, deep K blocks): 128x256x784 1.03-1.06x, 64x256x784
+// 1.14x, 32x128x784 1.35x, 192x128x784 1.02x; from 256 rows on the blocked
+// path is as fast or faster (1024x128x784 0.95x); 2 KiB rows (n = 512) fell
+// to 0.5-0.9x, as did k = 2048 with 1 KiB rows.
 constexpr idx kDirectDeepMaxK = 1024;
 // Rows of A per pass over B's strips: a panel of at most 512 KiB of A stays in
 // L2 while the strips stream past it (256 KiB panels measured slower).
@@ -450,7 +452,7 @@ bool use_direct(bool trans_a, bool trans_b, idx m, idx n, idx k, idx ldb) {
             return false;
         } else {
             const double row_bytes = double(ldb) * double(sizeof(T));
-            return !trans_a && !trans_b && k <= kDirectDeepMaxK &&
+            return !trans_a && !trans_b && k <= kDirectDeepMaxK && m < 256 &&
                    (row_bytes <= 512.0 || (row_bytes <= 1024.0 && m <= 128));
         }
     }
