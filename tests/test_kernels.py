@@ -193,6 +193,18 @@ def test_dense_forward_deep_direct_threads(isa, n, d_in, d_out, dtype, rng):
     assert_close(y2, ref, dtype, k=d_in, scale=gemm_scale(x, w) + np.abs(b.astype(np.float64)))
 
 
+def test_gemm_tall_row_major_a_blocking_threads(dtype, rng):
+    """1100 x 200 x 1000 NN: on AVX-512 float32 reads A in place with one
+    1000-deep K block and 256-wide N blocks; float64 (an 8.8 MB K block of A,
+    over kAInPlaceMaxABytes, with several N blocks) packs A again. Both match
+    the reference and give the same bits on 1 and 2 threads."""
+    m, n, k = 1100, 200, 1000
+    a, b = _ab(rng, m, n, k, False, False, dtype)
+    c1, c2 = _two_threads(lambda: K.gemm(a, b))
+    _assert_bits_equal_nested(c1, c2)
+    assert_close(c2, R.gemm(a, b), dtype, k=k, scale=gemm_scale(a, b))
+
+
 # n == 1 (one output column) runs as a matrix-vector product: rows around the
 # 8-row groups and the 128/256-row blocks, k around the vector width.
 GEMV_SHAPES = [(1, 1, 1), (7, 1, 13), (9, 1, 16), (129, 1, 17), (300, 1, 33), (1000, 1, 257)]

@@ -165,40 +165,46 @@ void scale_rows(idx m, idx n, T beta, T* c, idx ldc, const Epilogue<T>& ep, int 
     for (idx i = 0; i < m; ++i) scale_row(n, beta, c + i * ldc, ep);
 }
 
-// How gemm_blocked cuts K and whether it packs A, from the whole product's
-// shape (never a thread's share of it, so the bits do not depend on the
-// thread count).
+// How gemm_blocked cuts K and N and whether it packs A, from the whole
+// product's shape (never a thread's share of it, so the bits do not depend on
+// the thread count).
 //
-// A row-major A that meets at most kAInPlaceMaxSlivers B slivers is read in
-// place by the micro-kernel (MicroKernel::run_a: the same FMAs in the same
-// order as from a packed sliver) instead of packed: packing a sliver costs
-// about as much as a few micro-kernel calls. Its K blocks then go up to
-// kAInPlaceMaxKC deep, as far as a B panel of kAInPlacePanelBytes allows:
-// with no A sliver to keep in L1, fewer K blocks mean fewer passes of C
-// through the caches. Measured on AVX-512, 1 thread, float32 1024x256x784:
-// packed A 141 GFLOP/s, in place with 256-deep K blocks 146, with one
-// 784-deep block 167; float64 1024x128x784 1.10x with the first step alone.
-// 2048^3 (64 slivers) read in place measured 0.97x, so wide B keeps packing.
-constexpr idx kAInPlaceMaxSlivers = 16;
+// Where the micro-kernel can (MicroKernel::kAInPlace), a row-major A is read
+// in place (MicroKernel::run_a: the same FMAs in the same order as from a
+// packed sliver) instead of packed. With no A sliver to keep in L1, the K
+// blocks go up to kAInPlaceMaxKC deep and the B panel to kAInPlacePanelBytes
+// (N blocks of kAInPlaceNCBytes per row of B): fewer K blocks mean fewer
+// passes of C through the caches, and nothing is packed. A is then read once
+// per N block, so a wide B keeps packing A when A's K block exceeds
+// kAInPlaceMaxABytes (float64 2048^3 read A from memory 16 times and fell to
+// 0.92x). Measured on AVX-512 against packed A with 256 x 1024 float
+// panels, 1 thread, float32: 1024x256x784 141 -> 165 GFLOP/s, 1024x1024x784
+// 1.05-1.12x, 1024^3 1.04-1.06x, 256x1024x784 1.03-1.05x (2 threads
+// 1.07-1.09x); float64 (128-wide N blocks) 256x1024x784 1.06x.
 constexpr idx kAInPlaceMaxKC = 1024;
 constexpr double kAInPlacePanelBytes = 1024.0 * 1024.0;
+constexpr idx kAInPlaceNCBytes = 1024;
+constexpr double kAInPlaceMaxABytes = 8.0 * 1024.0 * 1024.0;
 
 struct Blocking {
     idx kc;           // K block depth (the last block may be shorter)
+    idx nc;           // N block width cap
     bool a_in_place;  // A read in place (run_a), not packed
 };
 
 template <typename T>
-Blocking blocking_for(bool trans_a, idx n, idx k) {
+Blocking blocking_for(bool trans_a, idx m, idx n, idx k) {
     using MK = MicroKernel<T>;
-    const idx n_slivers = ceil_div(n, MK::NR);
-    const bool in_place = MK::kAInPlace && !trans_a && n_slivers <= kAInPlaceMaxSlivers;
-    idx cap = MK::KC;
-    if (in_place) {
-        const idx fit = idx(kAInPlacePanelBytes / (double(n_slivers * MK::NR) * sizeof(T)));
-        cap = min_i(kAInPlaceMaxKC, fit > cap ? fit : cap);
-    }
-    return {balanced_block(k, cap, 64 / sizeof(T)), in_place};
+    constexpr idx align = 64 / sizeof(T);
+    const Blocking packed = {balanced_block(k, MK::KC, align), MK::NC, false};
+    if (!MK::kAInPlace || trans_a) return packed;
+    const idx nc = kAInPlaceNCBytes / idx(sizeof(T));
+    const idx width = min_i(round_up(n, MK::NR), nc);
+    const idx fit = idx(kAInPlacePanelBytes / (double(width) * sizeof(T)));
+    const idx cap = min_i(kAInPlaceMaxKC, fit > MK::KC ? fit : MK::KC);
+    if (n > nc && double(m) * double(min_i(k, cap)) * sizeof(T) > kAInPlaceMaxABytes)
+        return packed;
+    return {balanced_block(k, cap, align), nc, true};
 }
 
 // Deepest K block of any Blocking: sizes the packing buffers.
@@ -734,9 +740,9 @@ void gemm_driver(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const
                                 : m_slivers < nt && n_slivers > m_slivers;
     nt = min_i(nt, split_n ? n_slivers : m_slivers);
 
-    const Blocking blk = blocking_for<T>(trans_a, n, k);
+    const Blocking blk = blocking_for<T>(trans_a, m, n, k);
     const idx kc_max = min_i(k, blk.kc);
-    const idx nc_max = min_i(NR * (split_n ? ceil_div(n_slivers, nt) : n_slivers), MK::NC);
+    const idx nc_max = min_i(NR * (split_n ? ceil_div(n_slivers, nt) : n_slivers), blk.nc);
     constexpr idx align = 64 / sizeof(T);
     const idx b_size = round_up(kc_max * nc_max, align), a_size = round_up(kc_max * MR, align);
     T* const scratch = detail::thread_scratch<T>(std::size_t((b_size + a_size) * nt));
@@ -746,7 +752,7 @@ void gemm_driver(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const
     }
 
     if (nt <= 1) {
-        gemm_blocked<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep, MK::NC,
+        gemm_blocked<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep, blk.nc,
                         blk, scratch, scratch + b_size);
         return;
     }
@@ -760,12 +766,12 @@ void gemm_driver(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const
             if (ep.bias) ept.bias = ep.bias + j0;
             const T* bt = trans_b ? b + j0 * ldb : b + j0;
             gemm_blocked<T>(trans_a, trans_b, m, j1 - j0, k, alpha, a, lda, bt, ldb, beta, c + j0,
-                            ldc, ept, MK::NC, blk, bpanel, asliver);
+                            ldc, ept, blk.nc, blk, bpanel, asliver);
         } else {
             const idx i0 = MR * (m_slivers * t / nt), i1 = min_i(m, MR * (m_slivers * (t + 1) / nt));
             const T* at = trans_a ? a + i0 : a + i0 * lda;
             gemm_blocked<T>(trans_a, trans_b, i1 - i0, n, k, alpha, at, lda, b, ldb, beta,
-                            c + i0 * ldc, ldc, ep, MK::NC, blk, bpanel, asliver);
+                            c + i0 * ldc, ldc, ep, blk.nc, blk, bpanel, asliver);
         }
     }
 }
