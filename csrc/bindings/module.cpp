@@ -169,14 +169,19 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargsf, PyObject* kw
     return nullptr;
 }
 
+#define CHAINRULE_GEMM_DOC                                                               \
+    "C = alpha * op(a) @ op(b) + beta * C.\n\n"                                             \
+    "op(a) is (m, k): a.T if trans_a else a; op(b) is (k, n). float32 or float64,\n"        \
+    "both the same dtype. With beta != 0, out= holds C and is updated in place;\n"          \
+    "with beta == 0, out is never read. Returns C of shape (m, n)."
+
+// The text signature line lets inspect.signature and help() show the
+// parameters of this builtin.
 PyMethodDef def = {
     "gemm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&call)),
     METH_FASTCALL | METH_KEYWORDS,
     "gemm(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None)\n--\n\n"
-    "C = alpha * op(a) @ op(b) + beta * C.\n\n"
-    "op(a) is (m, k): a.T if trans_a else a; op(b) is (k, n). float32 or float64,\n"
-    "both the same dtype. With beta != 0, out= holds C and is updated in place;\n"
-    "with beta == 0, out is never read. Returns C of shape (m, n)."};
+    CHAINRULE_GEMM_DOC};
 
 void add(py::module_& m) {
     const char* keys[5] = {"trans_a", "trans_b", "alpha", "beta", "out"};
@@ -618,19 +623,15 @@ PYBIND11_MODULE(_core, m) {
     m.add_object(
         "_gemm",
         py::cpp_function(
-        [](py::object a, py::object b, bool ta, bool tb, double alpha, double beta,
-           py::object out) {
-            return by_dtype("gemm", "a", a, [&](auto t) {
-                return gemm_impl<decltype(t)>(a, b, ta, tb, alpha, beta, out);
-            });
-        },
-        py::name("gemm"), py::scope(m), "a"_a, "b"_a, py::kw_only(), "trans_a"_a = false, "trans_b"_a = false, "alpha"_a = 1.0,
-        "beta"_a = 0.0, "out"_a = py::none(),
-        R"doc(C = alpha * op(a) @ op(b) + beta * C.
-
-op(a) is (m, k): a.T if trans_a else a; op(b) is (k, n). float32 or float64,
-both the same dtype. With beta != 0, out= holds C and is updated in place;
-with beta == 0, out is never read. Returns C of shape (m, n).)doc"));
+            [](py::object a, py::object b, bool ta, bool tb, double alpha, double beta,
+               py::object out) {
+                return by_dtype("gemm", "a", a, [&](auto t) {
+                    return gemm_impl<decltype(t)>(a, b, ta, tb, alpha, beta, out);
+                });
+            },
+            py::name("gemm"), py::scope(m), "a"_a, "b"_a, py::kw_only(), "trans_a"_a = false,
+            "trans_b"_a = false, "alpha"_a = 1.0, "beta"_a = 0.0, "out"_a = py::none(),
+            CHAINRULE_GEMM_DOC));
     fast_gemm::add(m);
 
     m.def(
