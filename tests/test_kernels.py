@@ -133,6 +133,19 @@ def test_gemm_matches_reference(isa, m, n, k, trans_a, trans_b, dtype, rng):
     assert_close(c, ref, dtype, k=k, scale=gemm_scale(a, b, trans_a=trans_a, trans_b=trans_b))
 
 
+def _check_gemm_into_out(rng, m, n, k, trans_a, trans_b, dtype, alpha_betas):
+    """K.gemm into a filled out= against the float64 reference, per (alpha, beta)."""
+    a, b = _ab(rng, m, n, k, trans_a, trans_b, dtype)
+    c0 = random(rng, (m, n), dtype)
+    for alpha, beta in alpha_betas:
+        out = c0.copy()
+        K.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta, out=out)
+        ref = R.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta,
+                     out=c0.astype(np.float64))
+        scale = gemm_scale(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta, c=c0)
+        assert_close(out, ref, dtype, k=k, scale=scale)
+
+
 # Shapes too big for the direct path, so they go through packing: K blocks
 # whose depth is not a multiple of the vector width (1100 -> 4 x 224 + 204
 # with A packed; 560 + 540 where AVX-512 reads a row-major A in place),
@@ -144,9 +157,9 @@ PACKED_SHAPES = [(29, 70, 1100), (301, 299, 257), (14, 1000, 70), (13, 1000, 70)
 # (use_direct's deep rule, k <= 1024, fewer than 256 rows): the (c) forward
 # 128 x 256 x 784 (1 KiB rows of B in float32), partial tiles and strips
 # (29 x 70), A in several L2 panels (200 x 60 x 1000: 130 rows per panel in
-# float32, 65 in float64), rows past 128 with narrow B; 300 x 100 x 1000 just past the rule,
-# on the blocked path with A read in place. The other transposes and ISAs
-# take their usual paths on the same shapes.
+# float32, 65 in float64), rows past 128 with narrow B; 300 x 100 x 1000 just
+# past the rule, on the blocked path with A read in place. The other
+# transposes and ISAs take their usual paths on the same shapes.
 DEEP_DIRECT_SHAPES = [(128, 256, 784), (29, 70, 1001), (200, 60, 1000), (131, 64, 1024),
                       (300, 100, 1000)]
 
@@ -154,28 +167,13 @@ DEEP_DIRECT_SHAPES = [(128, 256, 784), (29, 70, 1001), (200, 60, 1000), (131, 64
 @pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES, ids=TRANS_IDS)
 @pytest.mark.parametrize("m, n, k", PACKED_SHAPES)
 def test_gemm_packed_path_edges(isa, m, n, k, trans_a, trans_b, dtype, rng):
-    a, b = _ab(rng, m, n, k, trans_a, trans_b, dtype)
-    c0 = random(rng, (m, n), dtype)
-    out = c0.copy()
-    K.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=-0.5, beta=0.25, out=out)
-    ref = R.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=-0.5, beta=0.25,
-                 out=c0.astype(np.float64))
-    scale = gemm_scale(a, b, trans_a=trans_a, trans_b=trans_b, alpha=-0.5, beta=0.25, c=c0)
-    assert_close(out, ref, dtype, k=k, scale=scale)
+    _check_gemm_into_out(rng, m, n, k, trans_a, trans_b, dtype, [(-0.5, 0.25)])
 
 
 @pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES, ids=TRANS_IDS)
 @pytest.mark.parametrize("m, n, k", DEEP_DIRECT_SHAPES)
 def test_gemm_deep_direct_shapes(isa, m, n, k, trans_a, trans_b, dtype, rng):
-    a, b = _ab(rng, m, n, k, trans_a, trans_b, dtype)
-    c0 = random(rng, (m, n), dtype)
-    for alpha, beta in ((1.0, 0.0), (-0.5, 0.25)):
-        out = c0.copy()
-        K.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta, out=out)
-        ref = R.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta,
-                     out=c0.astype(np.float64))
-        scale = gemm_scale(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta, c=c0)
-        assert_close(out, ref, dtype, k=k, scale=scale)
+    _check_gemm_into_out(rng, m, n, k, trans_a, trans_b, dtype, [(1.0, 0.0), (-0.5, 0.25)])
 
 
 # (n, d_in, d_out): B wider than A is tall, so 2 threads take column strips
@@ -213,15 +211,7 @@ GEMV_SHAPES = [(1, 1, 1), (7, 1, 13), (9, 1, 16), (129, 1, 17), (300, 1, 33), (1
 @pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES, ids=TRANS_IDS)
 @pytest.mark.parametrize("m, n, k", GEMV_SHAPES)
 def test_gemm_one_column_matches_reference(isa, m, n, k, trans_a, trans_b, dtype, rng):
-    a, b = _ab(rng, m, n, k, trans_a, trans_b, dtype)
-    c0 = random(rng, (m, n), dtype)
-    for alpha, beta in ((1.0, 0.0), (-0.5, 0.25)):
-        out = c0.copy()
-        K.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta, out=out)
-        ref = R.gemm(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta,
-                     out=c0.astype(np.float64))
-        scale = gemm_scale(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta, c=c0)
-        assert_close(out, ref, dtype, k=k, scale=scale)
+    _check_gemm_into_out(rng, m, n, k, trans_a, trans_b, dtype, [(1.0, 0.0), (-0.5, 0.25)])
 
 
 @pytest.mark.parametrize("trans_a", [False, True])

@@ -82,6 +82,32 @@ T* thread_scratch(std::size_t count) {
     return static_cast<T*>(buffer.ptr);
 }
 
+// An M-row tile of a row-major A read where it lies: element (i, p) is
+// a[i * lda + p], walked one column (p) per k step. Rows go in groups of
+// four, one moving pointer per group plus the offsets lda, 2 lda and 3 lda,
+// which keeps the addressing in a few registers (13 row pointers would not
+// fit beside the accumulators). Used by the direct tiles (gemm_impl.hpp) and
+// the AVX-512 micro-kernel's in-place A.
+template <typename T, int M>
+struct RowsOfA {
+    static constexpr int G = (M + 3) / 4;
+    const T* group[G];
+    idx l1, l2, l3;
+    RowsOfA(const T* a, idx lda) : l1(lda), l2(2 * lda), l3(3 * lda) {
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) group[g] = a + 4 * g * lda;
+    }
+    // A(i, p) for the current column p.
+    T operator[](int i) const {
+        const idx off = i % 4 == 0 ? 0 : i % 4 == 1 ? l1 : i % 4 == 2 ? l2 : l3;
+        return group[i / 4][off];
+    }
+    void next() {
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) ++group[g];
+    }
+};
+
 }  // namespace detail
 }  // namespace CHAINRULE_ISA
 }  // namespace chainrule

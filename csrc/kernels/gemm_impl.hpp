@@ -314,43 +314,30 @@ inline void direct_tile(idx k, const T* __restrict a, idx lda, const T* __restri
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
 
+    // One k step: row p of op(B) times each row's op(A) value.
+    auto k_step = [&](auto a_of_row) {
+        reg bv[NV];
+        load_row<V, T, NV, Masked>(b, kl, bv);
+#pragma GCC unroll 16
+        for (int i = 0; i < M; ++i) {
+            const reg ai = V::set1(a_of_row(i));
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(ai, bv[v], acc[i][v]);
+        }
+        b += ldb;
+    };
     if constexpr (AT) {
 #pragma GCC unroll 2
         for (idx p = 0; p < k; ++p) {
-            reg bv[NV];
-            load_row<V, T, NV, Masked>(b, kl, bv);
-#pragma GCC unroll 16
-            for (int i = 0; i < M; ++i) {
-                const reg ai = V::set1(a[i]);
-#pragma GCC unroll 2
-                for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(ai, bv[v], acc[i][v]);
-            }
+            k_step([&](int i) { return a[i]; });
             a += lda;
-            b += ldb;
         }
     } else {
-        // Rows in groups of four: one moving pointer per group plus the
-        // offsets lda, 2 lda, 3 lda keep the addressing in a few registers.
-        constexpr int G = (M + 3) / 4;
-        const T* ag[G];
-#pragma GCC unroll 4
-        for (int g = 0; g < G; ++g) ag[g] = a + 4 * g * lda;
-        const idx l1 = lda, l2 = 2 * lda, l3 = 3 * lda;
+        detail::RowsOfA<T, M> rows(a, lda);
 #pragma GCC unroll 2
         for (idx p = 0; p < k; ++p) {
-            reg bv[NV];
-            load_row<V, T, NV, Masked>(b, kl, bv);
-#pragma GCC unroll 16
-            for (int i = 0; i < M; ++i) {
-                const T* r = ag[i / 4];
-                const idx off = i % 4 == 0 ? 0 : i % 4 == 1 ? l1 : i % 4 == 2 ? l2 : l3;
-                const reg ai = V::set1(r[off]);
-#pragma GCC unroll 2
-                for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(ai, bv[v], acc[i][v]);
-            }
-#pragma GCC unroll 4
-            for (int g = 0; g < G; ++g) ++ag[g];
-            b += ldb;
+            k_step([&](int i) { return rows[i]; });
+            rows.next();
         }
     }
 

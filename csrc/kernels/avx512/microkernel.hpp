@@ -88,48 +88,33 @@ inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T*
         c1[i] = V::zero();
     }
 
-    if constexpr (!AIn) {
-#pragma GCC unroll 4
-        for (idx p = 0; p < kc; ++p) {
-            // The B sliver streams from L2 (only A stays in L1): fetch 8 k steps ahead.
-            _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W + W), _MM_HINT_T0);
-            const reg b0 = V::load(b);
-            const reg b1 = V::load(b + W);
+    // One k step: B's two vectors (streaming from L2, fetched 8 steps ahead;
+    // only A stays in L1) times each row's A value.
+    auto k_step = [&](auto a_of_row) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W + W), _MM_HINT_T0);
+        const reg b0 = V::load(b);
+        const reg b1 = V::load(b + W);
 #pragma GCC unroll 14
-            for (int i = 0; i < M; ++i) {
-                const reg ai = V::set1(a[i]);
-                c0[i] = V::fmadd(ai, b0, c0[i]);
-                c1[i] = V::fmadd(ai, b1, c1[i]);
-            }
-            a += MR;
-            b += 2 * W;
+        for (int i = 0; i < M; ++i) {
+            const reg ai = V::set1(a_of_row(i));
+            c0[i] = V::fmadd(ai, b0, c0[i]);
+            c1[i] = V::fmadd(ai, b1, c1[i]);
         }
-    } else {
-        // Rows in groups of four: one moving pointer per group plus the
-        // offsets lda, 2 lda, 3 lda (as the direct tiles in gemm_impl.hpp).
-        constexpr int G = (M + 3) / 4;
-        const T* ag[G];
-#pragma GCC unroll 4
-        for (int g = 0; g < G; ++g) ag[g] = a + 4 * g * lda;
-        const idx l1 = lda, l2 = 2 * lda, l3 = 3 * lda;
+        b += 2 * W;
+    };
+    if constexpr (AIn) {
+        CHAINRULE_ISA::detail::RowsOfA<T, M> rows(a, lda);
 #pragma GCC unroll 2
         for (idx p = 0; p < kc; ++p) {
-            _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 2 * W + W), _MM_HINT_T0);
-            const reg b0 = V::load(b);
-            const reg b1 = V::load(b + W);
-#pragma GCC unroll 14
-            for (int i = 0; i < M; ++i) {
-                const T* r = ag[i / 4];
-                const idx off = i % 4 == 0 ? 0 : i % 4 == 1 ? l1 : i % 4 == 2 ? l2 : l3;
-                const reg ai = V::set1(r[off]);
-                c0[i] = V::fmadd(ai, b0, c0[i]);
-                c1[i] = V::fmadd(ai, b1, c1[i]);
-            }
+            k_step([&](int i) { return rows[i]; });
+            rows.next();
+        }
+    } else {
 #pragma GCC unroll 4
-            for (int g = 0; g < G; ++g) ++ag[g];
-            b += 2 * W;
+        for (idx p = 0; p < kc; ++p) {
+            k_step([&](int i) { return a[i]; });
+            a += MR;
         }
     }
 
