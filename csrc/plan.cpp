@@ -4,6 +4,10 @@
 #include <cmath>
 #include <cstring>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace chainrule {
 
 idx MlpShape::n_params() const {
@@ -46,6 +50,25 @@ constexpr double kWarmScale = 0.125;
 // Gathering the batch rows: bytes at which a second thread pays (before the
 // scale above), as for the memory-bound elementwise kernels.
 constexpr double kParallelGatherBytes = 1 << 20;
+
+// The GEMM's parallel threshold in flops (common.hpp, kParallelFlops).
+constexpr double kParallelPanelFlops = 1.6e7;
+
+int thread_index() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// The output layer's input gradient (see train_step) goes a panel of rows at
+// a time through a buffer of about this size, which stays in L2.
+constexpr std::size_t kPanelBytes = 128 * 1024;
+// ... for at most this many outputs: every product then sums all of its k in
+// one K block (KC >= 256 on every ISA), as the whole product would, so the
+// panels give the same bits as dense_vjp.
+constexpr idx kPanelMaxOutputs = 256;
 
 // Squared error is cheap and has no SIMD twin in the kernel table.
 template <typename T>
@@ -152,6 +175,7 @@ double MlpPlan<T>::train_step(T* params, T* grads, const T* x, idx rows,
         K.dense_forward(a[l - 1], w[l], b[l], out, n, d[l - 1], d[l], act, T(shape_.slope),
                         nthreads);
         a[l] = out;
+        if (l + 1 == L) last_hidden_ = out;
         out += n * d[l];
     }
 
@@ -173,6 +197,10 @@ double MlpPlan<T>::train_step(T* params, T* grads, const T* x, idx rows,
 
     // Backward: the chain rule, one layer at a time. The first layer's
     // input gradient is never needed for training, so it is not computed.
+    // gz and ga take turns in the two grad_ buffers (gz may also be A_{L-1},
+    // below); ga always names a grad_ buffer that is free.
+    T* const bufs[2] = {gz, ga};
+    auto other = [&](T* p) { return p == bufs[0] ? bufs[1] : bufs[0]; };
     T* g = grads;
     auto& gw = gw_;
     auto& gb = gb_;
@@ -189,20 +217,61 @@ double MlpPlan<T>::train_step(T* params, T* grads, const T* x, idx rows,
     }
     if (update && !std::isfinite(value)) update = nullptr;  // keep the weights of before
     for (size_t l = L; l >= 1; --l) {
-        T* gx = l > 1 ? ga : nullptr;
-        // gx is scratch and always overwritten; only gw and gb accumulate.
-        if (gx && accumulate) {
-            K.dense_vjp(a[l - 1], w[l], gz, gx, nullptr, nullptr, n, d[l - 1], d[l], false,
+        const Act act_in = l > 1 ? shape_.acts[l - 2] : Act::identity;
+        const bool rowwise = act_in == Act::softmax || act_in == Act::log_softmax;
+        if (l == L && l > 1 && !rowwise && d[l] <= kPanelMaxOutputs) {
+            // The output layer's input gradient, (gZ_L W_L^T) * act'(A_{L-1}),
+            // is written over A_{L-1}, which nothing reads after dW_L: A_{L-1}
+            // is what the forward pass wrote last, so it is still in cache,
+            // where a separate n x d_{L-1} buffer would be written cold (on
+            // (d), 1 MiB: ~0.2 ms of a step).
+            K.dense_vjp(a[l - 1], w[l], gz, nullptr, gw[l], gb[l], n, d[l - 1], d[l],
+                        accumulate, nthreads);
+            const idx d_in = d[l - 1];
+            const idx rows =
+                std::max<idx>(1, static_cast<idx>(kPanelBytes / (d_in * sizeof(T))));
+            const idx panels = (n + rows - 1) / rows;
+            const bool split = nthreads > 1 && panels > 1 &&
+                               2.0 * double(n) * double(d_in) * double(d[l]) >=
+                                   kParallelPanelFlops * kWarmScale;
+            const int nt = split ? nthreads : 1;
+            // panel_: W_L^T, so that every panel's product reads its B
+            // row-major, in place (a transposed B would be regathered by every
+            // panel), then one panel buffer per thread.
+            const size_t per_thread = static_cast<size_t>(rows * d_in);
+            const size_t wt_size = static_cast<size_t>(d_in * d[l]);
+            if (panel_.size() < wt_size + per_thread * nt)
+                panel_.assign(wt_size + per_thread * nt, T(0));
+            T* const wt = panel_.data();
+            for (idx i = 0; i < d_in; ++i)
+                for (idx j = 0; j < d[l]; ++j) wt[j * d_in + i] = w[l][i * d[l] + j];
+            T* const hidden = last_hidden_;
+#pragma omp parallel for num_threads(nt) schedule(static) if (split)
+            for (idx p = 0; p < panels; ++p) {
+                const idx r0 = p * rows, r = std::min(rows, n - r0);
+                T* buf = wt + wt_size + per_thread * static_cast<size_t>(thread_index());
+                K.gemm(false, false, r, d_in, d[l], T(1), gz + r0 * d[l], d[l], wt, d_in, T(0),
+                       buf, d_in, 1);
+                K.activation_vjp(act_in, hidden + r0 * d_in, buf, hidden + r0 * d_in, r, d_in,
+                                 T(shape_.slope), 1);
+            }
+            gz = last_hidden_;
+        } else {
+            T* gx = l > 1 ? ga : nullptr;
+            // gx is scratch and always overwritten; only gw and gb accumulate.
+            if (gx && accumulate) {
+                K.dense_vjp(a[l - 1], w[l], gz, gx, nullptr, nullptr, n, d[l - 1], d[l], false,
+                            nthreads);
+                gx = nullptr;
+            }
+            K.dense_vjp(a[l - 1], w[l], gz, gx, gw[l], gb[l], n, d[l - 1], d[l], accumulate,
                         nthreads);
-            gx = nullptr;
-        }
-        K.dense_vjp(a[l - 1], w[l], gz, gx, gw[l], gb[l], n, d[l - 1], d[l], accumulate,
-                    nthreads);
-        if (l > 1) {
-            gx = ga;
-            K.activation_vjp(shape_.acts[l - 2], a[l - 1], gx, gx, n, d[l - 1], T(shape_.slope),
-                             nthreads);
-            std::swap(gz, ga);
+            if (l > 1) {
+                K.activation_vjp(act_in, a[l - 1], ga, ga, n, d[l - 1], T(shape_.slope),
+                                 nthreads);
+                gz = ga;
+                ga = other(ga);
+            }
         }
         // Layer l's gradient is final: the L2 term, its norm, then (fused) its update.
         const idx w_size = d[l - 1] * d[l];

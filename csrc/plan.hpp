@@ -83,7 +83,9 @@ class MlpPlan {
     void forward(const T* params, const T* x, idx n, T* out, int nthreads);
 
     // Bytes of workspace held now (for memory accounting).
-    std::size_t workspace_bytes() const { return (acts_.capacity() + grad_.capacity()) * sizeof(T); }
+    std::size_t workspace_bytes() const {
+        return (acts_.capacity() + grad_.capacity() + panel_.capacity()) * sizeof(T);
+    }
 
    private:
     void reserve(idx n);
@@ -93,12 +95,14 @@ class MlpPlan {
     idx widest_ = 0;        // max(d_1 .. d_L)
     // Per-layer pointers, sized once so a step allocates nothing.
     std::vector<const T*> a_, w_, b_;
+    T* last_hidden_ = nullptr;  // A_{L-1} in acts_ (L >= 2), writable
     std::vector<T*> gw_, gb_;
     std::vector<T> acts_;   // A_0 (gathered batch), A_1 ... A_L, one after another
     std::vector<T> grad_;   // two ping-pong buffers of n * max(d_1..d_L)
     std::vector<T> target_rows_;  // gathered float targets
     std::vector<std::int64_t> label_rows_;
     std::vector<T> weight_rows_;
+    std::vector<T> panel_;  // per thread: a panel of the output layer's input gradient
     std::mutex mutex_;      // one plan used from two threads serialises, never corrupts
 };
 

@@ -176,6 +176,43 @@ def test_gemm_deep_direct_shapes(isa, m, n, k, trans_a, trans_b, dtype, rng):
     _check_gemm_into_out(rng, m, n, k, trans_a, trans_b, dtype, [(1.0, 0.0), (-0.5, 0.25)])
 
 
+# Short and narrow products. Fewer rows of A than one direct tile (13 on
+# AVX-512, 6 on AVX2) with a row-major B too big for the small direct path:
+# use_direct's short rule reads B in place (10 x 1024 x 256 is gZ^T X for a
+# 10-wide output layer; 1 x 4000 x 1000 a single sample with 16000-byte rows;
+# 5 x 3000 x 200 for AVX2), but not a full tile (13 x 2000 x 300) nor k past
+# 1024 (10 x 1024 x 1100). A C narrower than one vector with A transposed (X^T
+# gZ; 1024 x 10 x 256 is the (d) output layer's dW) is computed as its
+# transpose (narrow_transposed) on AVX-512 and AVX2 (float64 AVX2 vectors
+# are 4 wide: 100 x 3 x 400), unless that transpose is itself unsuited
+# (40 x 15 x 3000). The other transposes and ISAs take their usual paths.
+NARROW_SHAPES = [(10, 1024, 256), (12, 2000, 300), (1, 4000, 1000), (5, 3000, 200),
+                 (13, 2000, 300), (10, 1024, 1100), (1024, 10, 256), (300, 7, 700),
+                 (100, 3, 400), (40, 15, 3000)]
+
+
+@pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES, ids=TRANS_IDS)
+@pytest.mark.parametrize("m, n, k", NARROW_SHAPES)
+def test_gemm_short_and_narrow_shapes(isa, m, n, k, trans_a, trans_b, dtype, rng):
+    _check_gemm_into_out(rng, m, n, k, trans_a, trans_b, dtype, [(1.0, 0.0), (-0.5, 0.25)])
+
+
+@pytest.mark.parametrize("m, n, k, trans_a", [(10, 4000, 1000, False), (10, 4000, 1000, True),
+                                              (4000, 10, 1000, True), (3000, 7, 900, True)])
+def test_gemm_short_and_narrow_threads(isa, m, n, k, trans_a, dtype, rng):
+    """Column strips of B on 2 threads (of A^T's transpose for the narrow C):
+    the bits of 1 thread, and never a read of a beta = 0 output."""
+    a, b = _ab(rng, m, n, k, trans_a, False, dtype)
+
+    def run():
+        out = np.full((m, n), np.nan, dtype)
+        return K.gemm(a, b, trans_a=trans_a, alpha=0.75, out=out)
+    c1, c2 = _two_threads(run)
+    _assert_bits_equal_nested(c1, c2)
+    assert_close(c2, R.gemm(a, b, trans_a=trans_a, alpha=0.75), dtype, k=k,
+                 scale=gemm_scale(a, b, trans_a=trans_a, alpha=0.75))
+
+
 # (n, d_in, d_out): B wider than A is tall, so 2 threads take column strips
 # (bias and activation offset per strip); then A taller than B is wide, so
 # they take row tiles, each in L2 panels (65 rows in float64).

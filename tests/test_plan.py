@@ -211,6 +211,43 @@ def test_fit_through_the_plan_equals_the_per_layer_path(monkeypatch, loss, make_
     np.testing.assert_allclose(fast_loss, slow_loss, rtol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dims, act", [
+    ([20, 1024, 10], cr.ReLU),        # 8 panels, split over 2 threads
+    ([30, 300, 7], cr.Tanh),          # 2 panels, one thread
+    ([12, 40, 24, 5], cr.Sigmoid),    # one panel, a layer below it
+    ([8, 200, 9], lambda: cr.LeakyReLU(0.2)),
+    ([16, 64, 300], cr.ReLU),         # 300 outputs: the separate-buffer path
+    ([16, 64, 5], cr.Softmax),        # a row-wise activation: the separate-buffer path
+])
+def test_output_layers_input_gradient_equals_the_per_layer_path(monkeypatch, threads, dims,
+                                                                 act):
+    """The plan writes the output layer's input gradient over A_{L-1} in
+    panels of rows (GEMM + activation VJP per panel); fit through the plan
+    must still give the per-layer path's bits, and X must stay untouched."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((512, dims[0])).astype(np.float32)
+    X_saved = X.copy()
+    y = rng.integers(0, dims[-1], 512)
+    cr.set_num_threads(threads)  # restored by conftest
+
+    def train():
+        layers = []
+        for a, b in zip(dims[:-2], dims[1:-1]):
+            layers += [cr.Dense(a, b), act()]
+        model = cr.Sequential(*layers, cr.Dense(dims[-2], dims[-1]), seed=4)
+        opt = cr.SGD(model.parameters(), lr=0.05)
+        cr.fit(model, X, y, loss=cr.CrossEntropy(), optimizer=opt, epochs=1, batch_size=256,
+               seed=1, progress=False)
+        return model.flat_data.copy()
+
+    fast = train()
+    monkeypatch.setattr(cr.train, "compile_plan", lambda *a: None)
+    slow = train()
+    assert bits_equal(fast, slow)
+    assert bits_equal(X, X_saved)
+
+
 def test_compile_plan_declines_what_it_cannot_run():
     ce = cr.CrossEntropy()
     labels = np.zeros(3, np.int64)
