@@ -69,6 +69,10 @@ constexpr std::size_t kPanelBytes = 128 * 1024;
 // one K block (KC >= 256 on every ISA), as the whole product would, so the
 // panels give the same bits as dense_vjp.
 constexpr idx kPanelMaxOutputs = 256;
+// ... and only for an A_{L-1} of at least this size: a smaller one and the
+// separate buffer both stay in L2, and the extra calls (W_L^T, one product
+// and one VJP per panel) made (b) (64 x 128 of A_1) 5% slower.
+constexpr double kPanelMinHiddenBytes = 512.0 * 1024.0;
 
 // Squared error is cheap and has no SIMD twin in the kernel table.
 template <typename T>
@@ -219,7 +223,9 @@ double MlpPlan<T>::train_step(T* params, T* grads, const T* x, idx rows,
     for (size_t l = L; l >= 1; --l) {
         const Act act_in = l > 1 ? shape_.acts[l - 2] : Act::identity;
         const bool rowwise = act_in == Act::softmax || act_in == Act::log_softmax;
-        if (l == L && l > 1 && !rowwise && d[l] <= kPanelMaxOutputs) {
+        const double hidden_bytes = double(n) * double(d[l - 1]) * sizeof(T);
+        if (l == L && l > 1 && !rowwise && d[l] <= kPanelMaxOutputs &&
+            hidden_bytes >= kPanelMinHiddenBytes) {
             // The output layer's input gradient, (gZ_L W_L^T) * act'(A_{L-1}),
             // is written over A_{L-1}, which nothing reads after dW_L: A_{L-1}
             // is what the forward pass wrote last, so it is still in cache,

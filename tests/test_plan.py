@@ -213,18 +213,21 @@ def test_fit_through_the_plan_equals_the_per_layer_path(monkeypatch, loss, make_
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dims, act", [
-    ([20, 1024, 10], cr.ReLU),        # 8 panels, split over 2 threads
-    ([30, 300, 7], cr.Tanh),          # 2 panels, one thread
-    ([12, 40, 24, 5], cr.Sigmoid),    # one panel, a layer below it
-    ([8, 200, 9], lambda: cr.LeakyReLU(0.2)),
-    ([16, 64, 300], cr.ReLU),         # 300 outputs: the separate-buffer path
-    ([16, 64, 5], cr.Softmax),        # a row-wise activation: the separate-buffer path
+    ([20, 1024, 10], cr.ReLU),        # 8 panels of 32 rows, split over 2 threads
+    ([30, 600, 7], cr.Tanh),          # 5 panels (54 rows), split over 2 threads
+    ([12, 40, 520, 5], cr.Sigmoid),   # a layer below; 4 panels, one thread
+    ([8, 700, 9], lambda: cr.LeakyReLU(0.2)),
+    # The separate-buffer path: 300 outputs, a row-wise activation, A_1 of 300 KiB.
+    ([16, 600, 300], cr.ReLU),
+    ([16, 600, 5], cr.Softmax),
+    ([30, 300, 7], cr.Tanh),
 ])
 def test_output_layers_input_gradient_equals_the_per_layer_path(monkeypatch, threads, dims,
                                                                  act):
-    """The plan writes the output layer's input gradient over A_{L-1} in
-    panels of rows (GEMM + activation VJP per panel); fit through the plan
-    must still give the per-layer path's bits, and X must stay untouched."""
+    """The plan writes the output layer's input gradient over A_{L-1} (of 512
+    KiB or more, batches of 256 here) in panels of rows, GEMM + activation VJP
+    per panel; fit through the plan must still give the per-layer path's
+    bits, and X must stay untouched."""
     rng = np.random.default_rng(5)
     X = rng.standard_normal((512, dims[0])).astype(np.float32)
     X_saved = X.copy()

@@ -844,13 +844,11 @@ template <typename T>
 void dense_vjp(const T* x, const T* w, const T* gz, T* gx, T* gw, T* gb, idx n, idx d_in,
                idx d_out, bool accumulate, int nthreads) {
     const T beta = accumulate ? T(1) : T(0);
-    // gb first, while gz is still in cache from whoever wrote it (the two
-    // products stream their operands and outputs through it).
-    if (gb) column_sums<T>(gz, gb, n, d_out, accumulate, nthreads);
     // gx(n, d_in) = gz(n, d_out) @ w(d_in, d_out)^T
     if (gx) gemm<T>(false, true, n, d_in, d_out, T(1), gz, d_out, w, d_out, beta, gx, d_in, nthreads);
     // gw(d_in, d_out) = x(n, d_in)^T @ gz(n, d_out)
     if (gw) gemm<T>(true, false, d_in, d_out, n, T(1), x, d_in, gz, d_out, beta, gw, d_out, nthreads);
+    if (gb) column_sums<T>(gz, gb, n, d_out, accumulate, nthreads);
 }
 
 }  // namespace CHAINRULE_ISA
