@@ -908,14 +908,50 @@ def test_binary_cross_entropy_matches_reference(isa, shape, weighted, reduction,
     assert g is None
 
 
+@pytest.mark.parametrize("k", [1, 3, 10, 16, 17])
+def test_softmax_cross_entropy_nan_and_masked_logits(isa, k, dtype, rng):
+    """A NaN logit makes its row's loss and gradient NaN and no other row's;
+    -inf logits (masked classes) get probability 0. Rows side by side (up to
+    16 classes) and one at a time (17) alike, with partial blocks of rows."""
+    n = 37
+    z, labels, _, w = _loss_inputs(rng, n, k, dtype)
+    if k > 1:
+        z[5, (labels[5] + 1) % k] = -np.inf
+        z[20, :] = -np.inf
+        z[20, labels[20]] = 0.5
+    z_nan = z.copy()
+    z_nan[9, k - 1] = np.nan
+    loss, g = K.softmax_cross_entropy(z_nan, labels, sample_weight=w, reduction="sum")
+    assert np.isnan(loss) and np.isnan(g[9]).all()
+    assert np.isfinite(np.delete(g, 9, axis=0)).all()
+    keep = np.arange(n) != 9
+    loss, g_keep = K.softmax_cross_entropy(z[keep], labels[keep], sample_weight=w[keep],
+                                           reduction="sum")
+    assert np.isfinite(loss) and bits_equal(g_keep, np.delete(g, 9, axis=0))
+    if k > 1:
+        # Row 5 lost one class, row 20 (19 once row 9 is out) all but its label.
+        assert g_keep[5, (labels[5] + 1) % k] == 0 and (g_keep[19] == 0).all()
+    finite = np.isfinite(z).all(axis=1) & keep
+    got = K.softmax_cross_entropy(z[finite], labels[finite], sample_weight=w[finite],
+                                  reduction="sum")
+    ref = R.softmax_cross_entropy(z[finite], labels[finite], sample_weight=w[finite],
+                                  reduction="sum")
+    m = int(finite.sum())
+    _check_loss(got, ref, dtype, m * k, (m, k), _loss_scale(z[finite], w[finite], "sum"),
+                _grad_scale((m, k), w[finite], "sum"))
+
+
 def test_losses_threads_bit_identical(isa, dtype, rng):
     n, k = 4096, 64
     z, labels, t, w = _loss_inputs(rng, n, k, dtype)
     tb = rng.uniform(0, 1, size=(n, k)).astype(dtype)
+    # 10 classes: the rows-side-by-side softmax CE, in blocks over 2 threads.
+    z10, labels10, _, w10 = _loss_inputs(rng, 30000, 10, dtype)
 
     def run():
         return (K.softmax_cross_entropy(z, labels, sample_weight=w),
                 K.softmax_cross_entropy(z, labels, reduction="sum"),
+                K.softmax_cross_entropy(z10, labels10, sample_weight=w10),
                 K.soft_cross_entropy(z, t, sample_weight=w),
                 K.binary_cross_entropy(z, tb, sample_weight=w),
                 K.binary_cross_entropy(z.reshape(-1), tb.reshape(-1), reduction="sum"))
