@@ -452,6 +452,31 @@ def test_dense_forward_matches_reference(isa, n, d_in, d_out, bias, activation, 
     assert_close(y, ref, dtype, k=k, scale=scale + 1e-30)
 
 
+# relu and leaky_relu are applied by the GEMM tiles in registers (AVX-512 and
+# AVX2), the others to the stored tile: the same bits as the activation kernel
+# run afterwards, including NaN and exact zeros, on every path: the small
+# direct tiles, the deep direct path (128 x 784 x 256 on AVX-512), the
+# blocked path (29 x 70 x 1100) with two K blocks (300 x 1100 x 70, where only
+# the last may activate), n = 1 (a matrix-vector product).
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh"])
+@pytest.mark.parametrize("n, d_in, d_out", [(7, 17, 33), (128, 784, 256), (300, 1100, 70),
+                                            (64, 300, 1), (29, 70, 1100)])
+def test_dense_forward_activation_equals_activation_afterwards(isa, n, d_in, d_out,
+                                                               activation, dtype, rng):
+    x = random(rng, (n, d_in), dtype)
+    x[0, 1] = np.nan
+    x[2, :] = 0.0  # row 2 of y is b, with exact zeros
+    w = random(rng, (d_in, d_out), dtype, -2.0 / np.sqrt(d_in), 2.0 / np.sqrt(d_in))
+    b = random(rng, (d_out,), dtype)
+    b[: d_out // 3] = 0.0
+    z = K.dense_forward(x, w, b)
+    expected = K.activation_forward(activation, z, negative_slope=0.3)
+    y1, y2 = _two_threads(lambda: K.dense_forward(x, w, b, activation=activation,
+                                                  negative_slope=0.3))
+    assert bits_equal(y1, expected) and bits_equal(y2, expected)
+    assert np.isnan(y1[0]).all()
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_dense_forward_out_never_read(isa, activation, dtype, rng):
     n, d_in, d_out = 33, 65, 17

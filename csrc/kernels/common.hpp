@@ -82,6 +82,14 @@ T* thread_scratch(std::size_t count) {
     return static_cast<T*>(buffer.ptr);
 }
 
+// The epilogue scalars of the GEMM micro-kernels and direct tiles, passed in
+// memory so that the compiler does not pin them in registers across the k
+// loop: {alpha, beta, activation code, slope}. The code (as a T) asks the tile
+// to apply relu or leaky_relu in registers after the bias, with act_map's
+// arithmetic (elementwise_impl.hpp), where the ISA's kernels can
+// (MicroKernel::kFusedAct); 0: none.
+constexpr int kTileNoAct = 0, kTileRelu = 1, kTileLeakyRelu = 2;
+
 // An M-row tile of a row-major A read where it lies: element (i, p) is
 // a[i * lda + p], walked one column (p) per k step. Rows go in groups of
 // four, one moving pointer per group plus the offsets lda, 2 lda and 3 lda,

@@ -31,6 +31,17 @@ struct Epilogue {
     T slope = T(0);            // leaky_relu
 };
 
+// The activation code the tiles apply in registers for this epilogue
+// (common.hpp, kTileRelu), or kTileNoAct where the ISA's tiles do not (or for
+// other activations): activation_block then runs on the stored tile.
+template <typename T>
+int tile_act(const Epilogue<T>& ep) {
+    if (!MicroKernel<T>::kFusedAct) return detail::kTileNoAct;
+    return ep.act == Act::relu         ? detail::kTileRelu
+           : ep.act == Act::leaky_relu ? detail::kTileLeakyRelu
+                                       : detail::kTileNoAct;
+}
+
 inline idx min_i(idx a, idx b) { return a < b ? a : b; }
 inline idx ceil_div(idx a, idx b) { return (a + b - 1) / b; }
 inline idx round_up(idx a, idx b) { return ceil_div(a, b) * b; }
@@ -226,7 +237,8 @@ void gemm_blocked(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, cons
     constexpr int NR = MK::NR;
     const idx kc_blk = blk.kc;
     const idx nc_blk = balanced_block(n, nc_cap, NR);
-    const bool elementwise_act = ep.act != Act::identity;
+    const int fused_act = tile_act(ep);
+    const bool elementwise_act = ep.act != Act::identity && fused_act == detail::kTileNoAct;
     const bool a_in_place = blk.a_in_place;
 
     for (idx jc = 0; jc < n; jc += nc_blk) {
@@ -238,7 +250,8 @@ void gemm_blocked(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, cons
             const idx kc = min_i(kc_blk, k - pc);
             const bool last = pc + kc == k;
             pack_b_panel<T, NR>(trans_b, b, ldb, pc, kc, jc, nc, bpanel);
-            const T alpha_beta[2] = {alpha, pc == 0 ? beta : T(1)};
+            const T alpha_beta[4] = {alpha, pc == 0 ? beta : T(1),
+                                     T(last ? fused_act : detail::kTileNoAct), ep.slope};
             for (idx i0 = 0; i0 < m; i0 += MR) {
                 const int mr = int(min_i(MR, m - i0));
                 if (!a_in_place) pack_a_sliver<T, MR>(trans_a, a, lda, i0, mr, pc, kc, asliver);
@@ -342,7 +355,8 @@ inline void direct_tile(idx k, const T* __restrict a, idx lda, const T* __restri
     }
 
     const T alpha = alpha_beta[0], beta = alpha_beta[1];
-    const reg va = V::set1(alpha), vb = V::set1(beta);
+    const int act = int(alpha_beta[2]);
+    const reg va = V::set1(alpha), vb = V::set1(beta), vslope = V::set1(alpha_beta[3]);
     reg vbias[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v)
@@ -358,6 +372,7 @@ inline void direct_tile(idx k, const T* __restrict a, idx lda, const T* __restri
             reg r = V::mul(va, acc[i][v]);
             if (read_c) r = V::fmadd(vb, mv ? V::load(kl, ci + v * W) : V::load(ci + v * W), r);
             if (bias) r = V::add(r, vbias[v]);
+            if (act != detail::kTileNoAct) r = V::act(act, r, vslope);
             if (mv)
                 V::store(kl, ci + v * W, r);
             else
@@ -514,7 +529,8 @@ void direct_rows(bool trans_a, bool trans_b, idx i0, idx i1, idx n, idx k, const
         else
             CHAINRULE_DIRECT(1, true);
 #undef CHAINRULE_DIRECT
-        if (ep.act != Act::identity) detail::activation_block<T>(ep.act, ct, m, nr, ldc, ep.slope);
+        if (ep.act != Act::identity && tile_act(ep) == detail::kTileNoAct)
+            detail::activation_block<T>(ep.act, ct, m, nr, ldc, ep.slope);
     }
 }
 
@@ -541,7 +557,7 @@ void gemm_direct(bool trans_a, bool trans_b, idx m, idx n, idx k, T alpha, const
                  int nthreads) {
     constexpr int MRD = MicroKernel<T>::MRD;
     constexpr idx NB = 2 * MicroKernel<T>::V::W;
-    const T alpha_beta[2] = {alpha, beta};
+    const T alpha_beta[4] = {alpha, beta, T(tile_act(ep)), ep.slope};
     const idx tiles = ceil_div(m, MRD), strips = ceil_div(n, NB);
     const idx panel_tiles = idx(kDirectPanelBytes / (double(k) * double(sizeof(T)))) / MRD;
     const idx panel = MRD * (panel_tiles > 1 ? panel_tiles : 1);

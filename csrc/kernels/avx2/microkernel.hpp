@@ -34,6 +34,12 @@ struct Vec<float> {
     static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
     static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
     static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+    // act_map's relu (x <= 0 -> +0) or leaky_relu (x < 0 -> x * slope); NaN kept.
+    static reg act(int code, reg x, reg slope) {
+        if (code == detail::kTileRelu)
+            return _mm256_blendv_ps(x, zero(), _mm256_cmp_ps(x, zero(), _CMP_LE_OQ));
+        return _mm256_blendv_ps(x, _mm256_mul_ps(x, slope), _mm256_cmp_ps(x, zero(), _CMP_LT_OQ));
+    }
 };
 
 template <>
@@ -53,14 +59,21 @@ struct Vec<double> {
     static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
     static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
     static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
+    static reg act(int code, reg x, reg slope) {
+        if (code == detail::kTileRelu)
+            return _mm256_blendv_pd(x, zero(), _mm256_cmp_pd(x, zero(), _CMP_LE_OQ));
+        return _mm256_blendv_pd(x, _mm256_mul_pd(x, slope), _mm256_cmp_pd(x, zero(), _CMP_LT_OQ));
+    }
 };
 
-// One output row: alpha * acc + beta * C + bias (beta == 0: C not read).
-// Masked is a compile-time choice so that full tiles use plain moves.
+// One output row: act(alpha * acc + beta * C + bias) (beta == 0: C not read;
+// act: common.hpp, kTileRelu). Masked is a compile-time choice so that full
+// tiles use plain moves.
 template <typename T, bool Masked>
 inline void write_row(T* ci, typename Vec<T>::reg acc0, typename Vec<T>::reg acc1,
                       typename Vec<T>::reg va, typename Vec<T>::reg vb, bool read_c,
-                      const T* bias, __m256i k0, __m256i k1) {
+                      const T* bias, int act, typename Vec<T>::reg slope, __m256i k0,
+                      __m256i k1) {
     using V = Vec<T>;
     constexpr int W = V::W;
     typename V::reg r0 = V::mul(va, acc0), r1 = V::mul(va, acc1);
@@ -71,6 +84,10 @@ inline void write_row(T* ci, typename Vec<T>::reg acc0, typename Vec<T>::reg acc
     if (bias) {
         r0 = V::add(r0, Masked ? V::load(k0, bias) : V::load(bias));
         r1 = V::add(r1, Masked ? V::load(k1, bias + W) : V::load(bias + W));
+    }
+    if (act != detail::kTileNoAct) {
+        r0 = V::act(act, r0, slope);
+        r1 = V::act(act, r1, slope);
     }
     if (Masked) {
         V::store(k0, ci, r0);
@@ -110,18 +127,21 @@ inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T*
     }
 
     const T alpha = alpha_beta[0], beta = alpha_beta[1];
-    const reg va = V::set1(alpha), vb = V::set1(beta);
+    const int act = int(alpha_beta[2]);
+    const reg va = V::set1(alpha), vb = V::set1(beta), vslope = V::set1(alpha_beta[3]);
     const bool read_c = beta != T(0);
     if (nr == 2 * W) {
         const __m256i none = _mm256_setzero_si256();
 #pragma GCC unroll 6
         for (int i = 0; i < M; ++i)
-            write_row<T, false>(c + i * ldc, c0[i], c1[i], va, vb, read_c, bias, none, none);
+            write_row<T, false>(c + i * ldc, c0[i], c1[i], va, vb, read_c, bias, act, vslope,
+                                none, none);
     } else {
         const __m256i k0 = V::first(nr), k1 = V::first(nr - W);
 #pragma GCC unroll 6
         for (int i = 0; i < M; ++i)
-            write_row<T, true>(c + i * ldc, c0[i], c1[i], va, vb, read_c, bias, k0, k1);
+            write_row<T, true>(c + i * ldc, c0[i], c1[i], va, vb, read_c, bias, act, vslope, k0,
+                               k1);
     }
 }
 
@@ -184,11 +204,12 @@ struct MicroKernel : micro::SimdPacking<T> {  // SIMD packing: pack_simd.hpp
     static constexpr bool kDirectDeep = false;
     static constexpr int MRD = 6;
 
-    // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr]
-    // with {alpha, beta} = alpha_beta[0:2]: passed in memory so that the
-    // compiler does not pin them in a vector register across the k loop
-    // (that register is needed for the accumulators).
+    // C[0:mr, 0:nr] (row stride ldc) = act(alpha * A.B + beta * C + bias[0:nr])
+    // with {alpha, beta, act, slope} = alpha_beta[0:4] (common.hpp: in memory
+    // so that the compiler does not pin them in a vector register across the
+    // k loop, which needs every register for the accumulators).
     // 1 <= mr <= MR, 1 <= nr <= NR; beta == 0: C is not read; bias may be null.
+    static constexpr bool kFusedAct = true;
     static void run(idx kc, const T* a, const T* b, T* c, idx ldc, int mr, int nr,
                     const T* alpha_beta, const T* bias) {
         switch (mr) {

@@ -40,6 +40,12 @@ struct Vec<float> {
     static mask first(int n) {
         return n >= W ? mask(0xFFFF) : n <= 0 ? mask(0) : mask((1u << n) - 1u);
     }
+    // act_map's relu (x <= 0 -> +0) or leaky_relu (x < 0 -> x * slope); NaN kept.
+    static reg act(int code, reg x, reg slope) {
+        if (code == detail::kTileRelu)
+            return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, zero(), _CMP_LE_OQ), zero());
+        return _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, zero(), _CMP_LT_OQ), x, slope);
+    }
 };
 
 template <>
@@ -59,12 +65,18 @@ struct Vec<double> {
     static mask first(int n) {
         return n >= W ? mask(0xFF) : n <= 0 ? mask(0) : mask((1u << n) - 1u);
     }
+    static reg act(int code, reg x, reg slope) {
+        if (code == detail::kTileRelu)
+            return _mm512_mask_mov_pd(x, _mm512_cmp_pd_mask(x, zero(), _CMP_LE_OQ), zero());
+        return _mm512_mask_mul_pd(x, _mm512_cmp_pd_mask(x, zero(), _CMP_LT_OQ), x, slope);
+    }
 };
 
-// C[0:M, 0:nr] = alpha * A.B + beta * C + bias, with beta == 0 meaning "C is
-// not read". M is a template parameter so that an edge sliver with few rows
-// runs only its own FMAs (m = 1 inference costs 1/13 of a full tile, not all
-// of it); the column edge uses masked loads/stores, so no tile buffer is needed.
+// C[0:M, 0:nr] = act(alpha * A.B + beta * C + bias), with beta == 0 meaning "C
+// is not read" and act from alpha_beta[2:4] (common.hpp, kTileRelu). M is a
+// template parameter so that an edge sliver with few rows runs only its own
+// FMAs (m = 1 inference costs 1/13 of a full tile, not all of it); the column
+// edge uses masked loads/stores, so no tile buffer is needed.
 // AIn: A is read where it lies (row i of the tile at a + i * lda, one
 // column per k step) instead of from a packed MR-wide sliver.
 template <typename T, int M, int MR, bool AIn = false>
@@ -119,6 +131,8 @@ inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T*
     }
 
     const T alpha = alpha_beta[0], beta = alpha_beta[1];
+    const int act = int(alpha_beta[2]);
+    const reg vslope = V::set1(alpha_beta[3]);
     const typename V::mask k0 = V::first(nr), k1 = V::first(nr - W);
     const reg va = V::set1(alpha);
     const reg vb = V::set1(beta);
@@ -137,6 +151,10 @@ inline void kernel_rows(idx kc, const T* __restrict a, const T* __restrict b, T*
         if (has_bias) {
             r0 = V::add(r0, bias0);
             r1 = V::add(r1, bias1);
+        }
+        if (act != detail::kTileNoAct) {
+            r0 = V::act(act, r0, vslope);
+            r1 = V::act(act, r1, vslope);
         }
         V::store(k0, ci, r0);
         V::store(k1, ci + W, r1);
@@ -239,11 +257,12 @@ struct MicroKernel : micro::SimdPacking<T> {  // SIMD packing: pack_simd.hpp
     static constexpr int MRD = 13;
 
 
-    // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr]
-    // with {alpha, beta} = alpha_beta[0:2]: passed in memory so that the
-    // compiler does not pin them in a vector register across the k loop
-    // (that register is needed for the accumulators).
+    // C[0:mr, 0:nr] (row stride ldc) = act(alpha * A.B + beta * C + bias[0:nr])
+    // with {alpha, beta, act, slope} = alpha_beta[0:4] (common.hpp: in memory
+    // so that the compiler does not pin them in a vector register across the
+    // k loop, which needs every register for the accumulators).
     // 1 <= mr <= MR, 1 <= nr <= NR; beta == 0: C is not read; bias may be null.
+    static constexpr bool kFusedAct = true;
     static void run(idx kc, const T* a, const T* b, T* c, idx ldc, int mr, int nr,
                     const T* alpha_beta, const T* bias) {
         rows<false>(kc, a, 0, b, c, ldc, mr, nr, alpha_beta, bias);

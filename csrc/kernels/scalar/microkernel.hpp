@@ -21,7 +21,9 @@ struct MicroKernel {
     static constexpr bool kSimdPack = false;  // generic packing loops (gemm_impl.hpp)
 
     // C[0:mr, 0:nr] (row stride ldc) = alpha * A.B + beta * C + bias[0:nr],
-    // {alpha, beta} = alpha_beta[0:2].
+    // {alpha, beta} = alpha_beta[0:2]; no fused activation (alpha_beta[2:4],
+    // common.hpp), gemm_blocked applies it after.
+    static constexpr bool kFusedAct = false;
     // 1 <= mr <= MR, 1 <= nr <= NR; beta == 0: C is not read; bias may be null.
     // Padded rows/columns of the packed operands are zero, so the full block
     // is always computed and only the valid part written.
