@@ -215,8 +215,8 @@ def test_fit_through_the_plan_equals_the_per_layer_path(monkeypatch, loss, make_
 @pytest.mark.parametrize("dims, act", [
     ([20, 1024, 10], cr.ReLU),        # 8 panels of 32 rows, split over 2 threads
     ([30, 600, 7], cr.Tanh),          # 5 panels (54 rows), split over 2 threads
-    ([12, 40, 520, 5], cr.Sigmoid),   # a layer below; 4 panels, one thread
-    ([8, 700, 9], lambda: cr.LeakyReLU(0.2)),
+    ([12, 40, 520, 5], cr.Sigmoid),   # a layer below; 5 panels (63 rows), one thread
+    ([8, 700, 9], lambda: cr.LeakyReLU(0.2)),  # 6 panels (46 rows), split
     # The separate-buffer path: 300 outputs, a row-wise activation, A_1 of 300 KiB.
     ([16, 600, 300], cr.ReLU),
     ([16, 600, 5], cr.Softmax),

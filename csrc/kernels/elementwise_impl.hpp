@@ -409,8 +409,8 @@ inline void for_each_index(idx n, int nt, F f) {
 }
 
 // Total over rows [0, n) of the values f(i0, rows, out) writes to out[0..rows)
-// for blocks of `block` rows starting at i0, added in row order whatever nt
-// is. With nt > 1 the per-row values go through scratch memory.
+// for blocks of `block` (<= kLanes) rows starting at i0, added in row order
+// whatever nt is. With nt > 1 the per-row values go through scratch memory.
 template <typename F>
 inline double ordered_block_total(idx n, idx block, int nt, F f) {
     const idx blocks = (n + block - 1) / block;
@@ -582,7 +582,7 @@ namespace detail {
 // kLanes classes, the rows side by side: the block is transposed so that each
 // class is one run of kLanes values, one per row, and every step (max, exp,
 // sum, gradient) is a loop across rows, which vectorises, instead of a loop
-// along a row shorter than one vector (10 classes: 72 -> ~20 ns a row). The
+// along a row shorter than one vector (10 classes: 72 -> ~25 ns a row). The
 // per-element arithmetic and the order of the max and of the sum (class by
 // class) are those of the row-at-a-time loop in softmax_cross_entropy, so the
 // bits are too. loss[r] = w_r * (logsumexp - z[label]) in double.
