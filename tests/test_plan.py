@@ -251,6 +251,34 @@ def test_output_layers_input_gradient_equals_the_per_layer_path(monkeypatch, thr
     assert bits_equal(X, X_saved)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_output_layers_input_gradient_in_place_with_accumulate(threads, rng):
+    """accumulate=True through the in-place panels (A_1 of 1 MiB): two steps on
+    the same batch from zero give exactly twice one step's gradient, and the
+    buffers the plan writes over are its own (X untouched)."""
+    dims = [20, 1024, 10]
+    plan = _core.MLPPlan(dims, ["relu", "identity"], "float32")
+    P = (rng.standard_normal(plan.n_params) * 0.05).astype(np.float32)
+    X = rng.standard_normal((300, 20)).astype(np.float32)
+    X_saved = X.copy()
+    y = rng.integers(0, 10, 300)
+    idx = np.arange(256)
+    cr.set_num_threads(threads)  # restored by conftest
+    G1 = np.zeros_like(P)
+    l1 = plan.train_step(P, G1, X, y, loss="softmax_cross_entropy", indices=idx)
+    G2 = np.zeros_like(P)
+    for _ in range(2):
+        l2 = plan.train_step(P, G2, X, y, loss="softmax_cross_entropy", indices=idx,
+                             accumulate=True)
+    assert l1 == l2 and bits_equal(G2, 2 * G1) and np.abs(G1).max() > 0
+    # No indices: the batch is X itself, read in place, never written.
+    Xb = X[:256].copy()
+    G3 = np.zeros_like(P)
+    l3 = plan.train_step(P, G3, Xb, y[:256], loss="softmax_cross_entropy")
+    assert l3 == l1 and bits_equal(G3, G1)
+    assert bits_equal(X, X_saved) and bits_equal(Xb, X_saved[:256])
+
+
 def test_compile_plan_declines_what_it_cannot_run():
     ce = cr.CrossEntropy()
     labels = np.zeros(3, np.int64)
