@@ -51,9 +51,6 @@ constexpr double kWarmScale = 0.125;
 // scale above), as for the memory-bound elementwise kernels.
 constexpr double kParallelGatherBytes = 1 << 20;
 
-// The GEMM's parallel threshold in flops (common.hpp, kParallelFlops).
-constexpr double kParallelPanelFlops = 1.6e7;
-
 int thread_index() {
 #ifdef _OPENMP
     return omp_get_thread_num();
@@ -179,7 +176,6 @@ double MlpPlan<T>::train_step(T* params, T* grads, const T* x, idx rows,
         K.dense_forward(a[l - 1], w[l], b[l], out, n, d[l - 1], d[l], act, T(shape_.slope),
                         nthreads);
         a[l] = out;
-        if (l + 1 == L) last_hidden_ = out;
         out += n * d[l];
     }
 
@@ -239,7 +235,7 @@ double MlpPlan<T>::train_step(T* params, T* grads, const T* x, idx rows,
             const idx panels = (n + rows - 1) / rows;
             const bool split = nthreads > 1 && panels > 1 &&
                                2.0 * double(n) * double(d_in) * double(d[l]) >=
-                                   kParallelPanelFlops * kWarmScale;
+                                   kParallelFlops * kWarmScale;
             const int nt = split ? nthreads : 1;
             // panel_: W_L^T, so that every panel's product reads its B
             // row-major, in place (a transposed B would be regathered by every
@@ -251,7 +247,8 @@ double MlpPlan<T>::train_step(T* params, T* grads, const T* x, idx rows,
             T* const wt = panel_.data();
             for (idx i = 0; i < d_in; ++i)
                 for (idx j = 0; j < d[l]; ++j) wt[j * d_in + i] = w[l][i * d[l] + j];
-            T* const hidden = last_hidden_;
+            // A_{L-1} lies in acts_, which this plan owns.
+            T* const hidden = acts_.data() + (a[l - 1] - acts_.data());
 #pragma omp parallel for num_threads(nt) schedule(static) if (split)
             for (idx p = 0; p < panels; ++p) {
                 const idx r0 = p * rows, r = std::min(rows, n - r0);
@@ -261,7 +258,7 @@ double MlpPlan<T>::train_step(T* params, T* grads, const T* x, idx rows,
                 K.activation_vjp(act_in, hidden + r0 * d_in, buf, hidden + r0 * d_in, r, d_in,
                                  T(shape_.slope), 1);
             }
-            gz = last_hidden_;
+            gz = hidden;
         } else {
             T* gx = l > 1 ? ga : nullptr;
             // gx is scratch and always overwritten; only gw and gb accumulate.

@@ -95,7 +95,6 @@ class MlpPlan {
     idx widest_ = 0;        // max(d_1 .. d_L)
     // Per-layer pointers, sized once so a step allocates nothing.
     std::vector<const T*> a_, w_, b_;
-    T* last_hidden_ = nullptr;  // A_{L-1} in acts_ (L >= 2), writable
     std::vector<T*> gw_, gb_;
     std::vector<T> acts_;   // A_0 (gathered batch), A_1 ... A_L, one after another
     std::vector<T> grad_;   // two ping-pong buffers of n * max(d_1..d_L)

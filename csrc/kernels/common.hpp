@@ -23,12 +23,8 @@ namespace chainrule {
 namespace CHAINRULE_ISA {
 namespace detail {
 
-// Below this many flops a kernel stays on the calling thread. Waking OpenMP
-// workers that have idled while Python ran costs ~65 us (perf-notes.md), so a
-// second thread pays only for ~100 us of single-thread work or more: about
-// 1.6e7 flops at ~150 GFLOP/s. Lower thresholds measured slower at 2 threads
-// on small MLP layers, and far slower on a loaded machine.
-constexpr double kParallelFlops = 1.6e7;
+// Below kParallelFlops (kernels.hpp) a kernel stays on the calling thread.
+using ::chainrule::kParallelFlops;
 // Elementwise kernels: elements per call before a second thread pays off
 // (2^18 sigmoids take ~180 us; memory-bound ones gain little from 2 threads).
 constexpr idx kParallelElems = 1 << 18;

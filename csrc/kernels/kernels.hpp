@@ -29,6 +29,14 @@ enum class Act : int {
     log_softmax = 6,  // along rows
 };
 
+// Below this many flops a kernel stays on the calling thread. Waking OpenMP
+// workers that have idled while Python ran costs ~65 us (perf-notes.md), so a
+// second thread pays only for ~100 us of single-thread work or more: about
+// 1.6e7 flops at ~150 GFLOP/s. Lower thresholds measured slower at 2 threads
+// on small MLP layers, and far slower on a loaded machine. (MlpPlan uses it
+// for the work it splits itself.)
+constexpr double kParallelFlops = 1.6e7;
+
 // Scale on the kernels' parallel thresholds (common.hpp, threads_for) for the
 // calling thread; 1 unless a WarmThreads is alive on it. Defined in dispatch.cpp.
 double parallel_threshold_scale();
