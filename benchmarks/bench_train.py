@@ -392,10 +392,14 @@ def main():
     if skipped:
         print(f"# skipped (not installed): {', '.join(skipped)}")
     results = {}
-    for t in threads:
-        env = thread_env(t)
-        for r in range(repeats):
-            order = frameworks[r % len(frameworks):] + frameworks[: r % len(frameworks)]
+    # Thread counts alternate inside each repeat, as the frameworks do: the
+    # host's speed drifts over minutes, and a scaling figure from two blocks
+    # of runs minutes apart measured the drift (a 1-vs-2-thread (a) of 0.94x
+    # with every peer ~6% slower in the later block).
+    for r in range(repeats):
+        order = frameworks[r % len(frameworks):] + frameworks[: r % len(frameworks)]
+        for t in threads:
+            env = thread_env(t)
             for name in configs:
                 for fw in order:
                     cmd = [sys.executable, __file__, "--worker", fw, name,
@@ -422,7 +426,7 @@ def main():
             ratio = med.get("chainrule") / min(peers) if peers and med.get("chainrule") else None
             cells = [f"{med[fw]:.1f}" if med[fw] is not None else "-" for fw in frameworks]
             print(f"| {t} | {describe(name)} | " + " | ".join(cells) +
-                  f" | {ratio:.2f} |" if ratio else " | - |")
+                  (f" | {ratio:.2f} |" if ratio else " | - |"))
             table.append({"threads": t, "config": name, "us": med, "ratio_to_best_peer": ratio})
     if "chainrule" in frameworks and len(threads) > 1:
         print("\nchainrule scaling (1-thread time / n-thread time):")
