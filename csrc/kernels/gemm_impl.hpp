@@ -315,8 +315,9 @@ __attribute__((noinline)) void gemm_on_stack(bool trans_a, bool trans_b, idx m, 
 // inside (c)'s training step (784-256-128-10, batch 128, float32), where the
 // forward 128x256x784 took 237-274 -> 213-250 us on 2 threads and 343-391 ->
 // 337-357 us on 1, and 128x128x256 50-54 -> 44-48 us on 2; 16 and 64 rows
-// ahead did as well as 32. With B already in cache (the same product in a
-// loop) there is no change.
+// ahead did as well as 32. The whole step (bench_train, 4 alternating runs)
+// went 1067-1111 -> 1037-1103 us on 1 thread and stayed at 665-719 on 2.
+// With B already in cache (the same product in a loop) there is no change.
 constexpr idx kPrefetchRows = 32;
 
 // Row p of op(B): NV vectors, the last one masked (kl) when Masked.
